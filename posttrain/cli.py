@@ -3,7 +3,7 @@
     posttrain train CONFIG.yaml [--set KEY=VALUE ...] [--resume]     (a config with `stages:` is a pipeline)
     posttrain data validate FILE [--method dpo]
     posttrain recommend FILE [--split train]
-    posttrain eval RUN_DIR_OR_CONFIG [--model PATH] [--data FILE]
+    posttrain eval RUN_DIR_OR_CONFIG [--model PATH] [--data FILE] [--samples N] [--temperature T]
 
 Bad input (config or data) prints one line ``posttrain: error: ...`` naming the file, row and field, and
 exits with status 2 before anything is written. A pipeline stage that fails while running prints one line
@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="a run directory (config.yaml + model/) or a config file")
     evaluate.add_argument("--model", help="the model to score (default: RUN/model, or the config's model)")
     evaluate.add_argument("--data", help="held-out data (default: the config's data.eval)")
+    evaluate.add_argument(
+        "--samples", type=int, default=4, help="online runs: completions per prompt from policy and reference"
+    )
+    evaluate.add_argument(
+        "--temperature", type=float, help="online runs: sampling temperature (default: the run's generation one)"
+    )
 
     recommend = sub.add_parser("recommend", help="suggest methods and a starting config for a data file")
     recommend.add_argument("file")
@@ -92,6 +98,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         (f"{summary['method']} loss", "loss", "{:.4f}"),
         (f"{summary['method']} reward accuracy", "accuracy", "{:.1%}"),
     ]
+    if "reward" in after:  # online methods: greedy answers to held-out prompts, scored by the run's rewards
+        rows = [("mean reward (greedy)", "reward", "{:.3f}")]
+        rows += [(f"  {k[len('reward/') :]}", k, "{:.3f}") for k in after if k.startswith("reward/")]
+        rows += [("completion length (tokens)", "completion_length", "{:.1f}")]
     rows = [row for row in rows if row[1] in after]  # each method reports its own figures (SFT: loss only)
     header = "held-out pairs:" if "policy_margin" in after else "held-out:"
     lines = [f"{header:<53}before      after"]
@@ -138,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from posttrain.evaluate import evaluate_run
 
-            print(json.dumps(evaluate_run(args.run, model=args.model, data=args.data), indent=2))
+            figures = evaluate_run(args.run, args.model, args.data, args.samples, args.temperature)
+            print(json.dumps(figures, indent=2))
             return 0
         if args.command == "recommend":
             from posttrain.recommend import recommend

@@ -135,8 +135,9 @@ class GenerationConfig:
     """0 = off."""
     stop: tuple[str, ...] = ()
     """Stop strings: a completion is cut right after the first one."""
-    mask_truncated: bool = False
-    """Completions that hit ``max_new_tokens`` without finishing get no loss (DAPO's overlong filtering)."""
+    mask_truncated: bool | None = None
+    """Completions that hit ``max_new_tokens`` without finishing get no loss (DAPO's overlong filtering).
+    null: the method's default (true for ``dapo``, false for the others)."""
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")

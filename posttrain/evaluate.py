@@ -4,6 +4,10 @@ Given a run directory (its ``config.yaml`` and ``model/``) or a config file, it 
 the run's own task and loss: for preference data the method's loss, reward accuracy and margins, and the
 summed chosen/rejected log-probs of the policy and of the reference (the run's starting model, or
 ``reference.model``), plus the policy's own chosen-over-rejected margin and preference share.
+
+For an online run (prompts) it generates instead: ``samples`` completions per held-out prompt from the
+policy and from the reference, scored by the run's rewards: the policy's win rate against the reference,
+reward and length distributions of both, and KL(policy || reference) estimated on the policy's samples.
 """
 
 from __future__ import annotations
@@ -13,23 +17,26 @@ from typing import Any
 
 import torch
 
-from posttrain.config import ConfigError, load
-from posttrain.model.load import load_tokenizer
+from posttrain.config import ConfigError, TrainConfig, load
+from posttrain.data.prompts import load_prompts
+from posttrain.data.tokenize import Renderer
+from posttrain.model.load import load_causal_lm, load_tokenizer
+from posttrain.rollout.compare import distribution, sampled_kl, win_rate
+from posttrain.rollout.generate import HFGenerator, SamplingParams
 from posttrain.training.offline import evaluate
+from posttrain.training.online import Scorer, method_rewards, sample
 from posttrain.training.tasks import task_for
 
 
-def evaluate_run(source: str, model: str | None = None, data: str | None = None) -> dict[str, Any]:
-    """Figures of ``model`` (default: the run's ``model/``) on ``data`` (default: the config's eval data)."""
+def evaluate_run(
+    source: str, model: str | None = None, data: str | None = None, samples: int = 4, temperature: float | None = None
+) -> dict[str, Any]:
+    """Figures of ``model`` (default: the run's ``model/``) on ``data`` (default: the config's eval data).
+    ``samples`` and ``temperature`` (default: the run's ``generation.temperature``) apply to online runs."""
     path = Path(source)
     run_dir = path if path.is_dir() else None
     config_path = path / "config.yaml" if run_dir else path
     config = load(config_path)
-    if config.algorithm.data_kind == "prompts":
-        raise ConfigError(
-            f"method: {config.method} is online; its held-out reward before and after is in summary.json "
-            "(generation-based posttrain eval is not built yet)"
-        )
     if model is None:
         model = str(run_dir / "model") if run_dir else config.model
     if not Path(model).exists() and run_dir:
@@ -38,6 +45,8 @@ def evaluate_run(source: str, model: str | None = None, data: str | None = None)
     if not source_data:
         raise ConfigError("data.eval: the config has no eval data; pass --data FILE")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.algorithm.data_kind == "prompts":
+        return compare_generations(config, model, source_data, device, samples, temperature)
     tokenizer = load_tokenizer(model)
     task = task_for(config, tokenizer, device)
     records, _ = task.load_records(source_data, config.data.split)
@@ -47,3 +56,40 @@ def evaluate_run(source: str, model: str | None = None, data: str | None = None)
     micro = config.micro_batch_size or config.batch_size
     figures = evaluate(task, policy, records, micro)
     return {"model": model, "data": source_data, "method": config.method, "rows": len(records), **figures}
+
+
+def compare_generations(
+    config: TrainConfig, model: str, data: str, device: torch.device, samples: int, temperature: float | None
+) -> dict[str, Any]:
+    """``samples`` completions per prompt of ``data`` from ``model`` and from the reference (``reference.model``
+    or the run's starting model), with the run's sampling settings and seed, scored by the run's rewards."""
+    if samples < 1:
+        raise ConfigError(f"--samples: must be >= 1, got {samples}")
+    gen = config.generation
+    temp = gen.temperature if temperature is None else temperature
+    if temp < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {temp}")
+    reward_fn = method_rewards(config)
+    tokenizer = load_tokenizer(model)
+    renderer = Renderer(tokenizer, config.data.chat_template)
+    prompts, _ = load_prompts(data, config.data.split, renderer, config.data.prompt_limit)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    params = SamplingParams(gen.max_new_tokens, temp, gen.top_p, gen.top_k, gen.stop)
+    policy = load_causal_lm(model, trainable=False).to(device)
+    reference = load_causal_lm(config.reference.model or config.model, trainable=False).to(device)
+    drawn = {name: sample(HFGenerator(m, tokenizer), reward_fn, prompts, samples, params, config.seed, pad_id, False)
+             for name, m in (("policy", policy), ("reference", reference))}  # fmt: skip
+    out: dict[str, Any] = {"model": model, "data": data, "method": config.method, "prompts": len(prompts),
+                           "samples_per_prompt": samples, "temperature": temp}  # fmt: skip
+    out.update(win_rate(drawn["policy"].rewards.tolist(), drawn["reference"].rewards.tolist()))
+    for name, s in drawn.items():
+        out[name] = {"reward": distribution(s.rewards.tolist()), "completion_length": distribution(s.lengths.tolist()),
+                     "truncated": float(s.truncated.double().mean()),
+                     **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()}}  # fmt: skip
+    if temp > 0:  # a KL estimate needs samples from the policy's own (tempered) distribution
+        s, score = drawn["policy"], Scorer(config, device, temperature=temp)
+        rows = [slice(i, i + 16) for i in range(0, len(s.rewards), 16)]
+        with torch.no_grad():
+            pol, ref = ([score(m, s, r).logps.double().cpu() for r in rows] for m in (policy, reference))
+        out.update(sampled_kl(torch.cat(pol), torch.cat(ref), s.loss_mask))
+    return out

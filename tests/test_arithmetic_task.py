@@ -23,7 +23,8 @@ from posttrain.bundled import arithmetic
 from posttrain.rewards import NumericAnswer
 
 BUNDLED = Path(arithmetic.__file__).resolve().parent
-FILES = (arithmetic.TRAIN_FILE, arithmetic.HELDOUT_FILE)
+FULL = (arithmetic.TRAIN_FILE, arithmetic.HELDOUT_FILE)
+FILES = (*FULL, arithmetic.EASY_TRAIN_FILE, arithmetic.EASY_HELDOUT_FILE)
 TRAIN, HELDOUT = arithmetic.build_splits()
 OPS: dict[type, Any] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: Fraction}
 
@@ -62,6 +63,9 @@ def test_shipped_files_equal_a_fresh_build(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes() == (BUNDLED / name).read_bytes(), name
     assert _rows(arithmetic.TRAIN_FILE) == [p.row() for p in TRAIN]
     assert _rows(arithmetic.HELDOUT_FILE) == [p.row() for p in HELDOUT]
+    easy = [p.row() for p in TRAIN if p.level in (1, 3)]
+    assert _rows(arithmetic.EASY_TRAIN_FILE) == easy and len(easy) == 200
+    assert _rows(arithmetic.EASY_HELDOUT_FILE) == [p.row() for p in HELDOUT if p.level in (1, 3)]
 
 
 def test_build_is_deterministic_and_seeded() -> None:
@@ -69,7 +73,7 @@ def test_build_is_deterministic_and_seeded() -> None:
     assert arithmetic.build_problems(20, seed=7) != arithmetic.build_problems(20, seed=8)
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", FULL)
 def test_row_fields_counts_and_all_levels_present(name: str) -> None:
     rows = _rows(name)
     assert len(rows) == {arithmetic.TRAIN_FILE: arithmetic.N_TRAIN, arithmetic.HELDOUT_FILE: arithmetic.N_HELDOUT}[name]

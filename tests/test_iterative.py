@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from posttrain.config import load
+from posttrain.data.prompts import PromptRecord
 from posttrain.rollout.generate import ScriptedGenerator
 from posttrain.rollout.pairs import Pair, best_worst_pairs
-from posttrain.training.iterative import run_iterative
+from posttrain.training.iterative import round_prompts, run_iterative
 from posttrain.training.metrics import read_metrics
 
 
@@ -32,7 +33,7 @@ def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> No
     path.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(8)))
     cfg: dict[str, Any] = {
         "method": "iterative_dpo", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "it"),
-        "data": {"train": str(path), "max_length": 64},
+        "data": {"train": str(path), "eval": str(path), "max_length": 64},
         "rewards": [{"name": "regex_format", "pattern": "^yes$", "fullmatch": True}],
         "num_generations": 3, "rounds": 2, "steps_per_round": 2, "batch_size": 4, "learning_rate": 1e-3,
         "reference_update": "initial",
@@ -51,3 +52,16 @@ def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> No
     round2 = load(tmp_path / "it" / "round-2" / "train" / "config.yaml")
     assert round2.model.endswith("round-1/train/model") and round2.reference.model == str(tiny_model_dir)
     assert (result.model_dir / "config.json").exists()
+    # Held-out answers are scored before each round and after the last (greedy with the HF generator).
+    assert result.summary["heldout_before"] == rounds[0]["heldout_at_start"]
+    assert (
+        set(rounds[1]["heldout_at_start"]) == set(result.summary["heldout_after"]) >= {"reward", "reward/regex_format"}
+    )
+
+
+def test_round_prompts_are_fresh_each_round_and_reproducible() -> None:
+    prompts = [PromptRecord((1,), f"q{i}", i) for i in range(10)]
+    assert round_prompts(prompts, None, 0, 1) == prompts and round_prompts(prompts, 10, 0, 1) == prompts
+    first, second = round_prompts(prompts, 4, 0, 1), round_prompts(prompts, 4, 0, 2)
+    assert len(first) == len({p.index for p in first}) == 4 and first != second
+    assert round_prompts(prompts, 4, 0, 1) == first  # the same seed and round: the same prompts

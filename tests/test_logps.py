@@ -172,7 +172,13 @@ def test_padded_rows_equal_unpadded_rows(model64: PreTrainedModel, batch: PairBa
                 batch.loss_mask[row : row + 1, :n],
                 chunk_size=3,
             ).logps
-            exact(together[row : row + 1, :n], alone)
+            if model64.config.model_type == "gemma2":
+                # Gemma-2's RMSNorm computes in float32 whatever the model's dtype, so the last-bit float64
+                # differences between a batch of 6 and a batch of 1 (BLAS blocking) come out rounded to
+                # float32: agreement to float32 precision (rel 1.5e-8 seen) is all this comparison can show.
+                torch.testing.assert_close(together[row : row + 1, :n], alone, rtol=1e-6, atol=1e-6)
+            else:
+                exact(together[row : row + 1, :n], alone)
             assert not together[row, n:].any()
 
 

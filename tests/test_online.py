@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import posttrain
+from posttrain.algorithms.online import GRPO
 from posttrain.config import ConfigError, load
 from posttrain.rollout.generate import ScriptedGenerator
 from posttrain.training.metrics import read_metrics
@@ -120,3 +121,36 @@ def test_dynamic_sampling_drops_tied_groups(tiny_model_dir: Path, tmp_path: Path
     steps = run(online_config("grpo", tiny_model_dir, path, tmp_path / "n", **{**extra, "rewards": never}))
     assert all(m["resampled"] == 6 and m["groups"] == 4 and m["loss"] == 0.0 for m in steps)
     assert all(m["tied_groups_trained"] == 1.0 for m in steps)
+
+
+def test_presets_carry_their_papers_settings(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
+    """method: dr_grpo and method: dapo are GRPO with the settings of their papers as defaults; every
+    GRPO key stays settable on them."""
+    dr = load(online_config("dr_grpo", tiny_model_dir, prompts_file, tmp_path / "dr")).algorithm
+    assert (dr.scale_rewards, dr.loss_aggregation, dr.epsilon_high, dr.beta) == ("none", "dr_grpo", 0.2, 0.0)
+    raw = online_config("dapo", tiny_model_dir, prompts_file, tmp_path / "da")
+    del raw["beta"]
+    cfg = load({**raw, "generation": {"max_new_tokens": 20}})
+    dapo = cfg.algorithm
+    assert (dapo.epsilon_low, dapo.epsilon_high, dapo.beta) == (0.2, 0.28, 0.0)
+    assert dapo.loss_aggregation == "dapo" and dapo.dynamic_sampling and dapo.scale_rewards == "std"
+    assert dapo.masks_truncated(cfg.generation)  # overlong filtering on unless generation.mask_truncated: false
+    assert not dapo.masks_truncated(load({**raw, "generation": {"mask_truncated": False}}).generation)
+    assert not GRPO().masks_truncated(cfg.generation)  # plain GRPO keeps them
+    # the soft overlong punishment: L_max = max_new_tokens, L_cache = a fifth of it (DAPO: 4096 of 20480)
+    assert dapo.extra_rewards(cfg.generation) == [
+        {"name": "overlong", "label": "soft_overlong", "max_length": 20, "cache": 4, "weight": 1.0}
+    ]
+    assert load({**raw, "overlong_buffer": 0}).algorithm.extra_rewards(cfg.generation) == []
+    with pytest.raises(ConfigError, match=r"overlong_buffer: must be >= 0"):
+        load({**raw, "overlong_buffer": -1})
+
+
+def test_dapo_trains_with_its_overlong_term(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
+    raw = online_config("dapo", tiny_model_dir, prompts_file, tmp_path / "d", max_steps=3)
+    steps = run(raw)
+    assert all("reward/soft_overlong" in m and m["reward/soft_overlong"] == 0.0 for m in steps)  # short answers
+    assert all(m["tied_groups_trained"] == 0.0 or m["resampled"] == 3 for m in steps)
+    twice = {**raw, "rewards": [*raw["rewards"], {"name": "overlong", "max_length": 8, "cache": 2}]}
+    with pytest.raises(ConfigError, match=r"rewards: method dapo adds the 'overlong' reward itself"):
+        posttrain.train(twice)

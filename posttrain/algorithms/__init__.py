@@ -12,15 +12,14 @@ import dataclasses
 
 from posttrain.algorithms.base import Algorithm
 from posttrain.algorithms.kto import KTO
-from posttrain.algorithms.online import GRPO, RLOO, IterativeDPO, OnlineAlgorithm
+from posttrain.algorithms.online import DAPO, GRPO, RLOO, DrGRPO, IterativeDPO, OnlineAlgorithm
 from posttrain.algorithms.preference import CDPO, DPO, IPO, ORPO, Hinge, PreferenceAlgorithm, RobustDPO, SimPO
 from posttrain.algorithms.reward import RewardModel
 from posttrain.algorithms.sft import SFT
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls
-    for cls in (DPO, IPO, CDPO, RobustDPO, Hinge, SimPO, ORPO, SFT, RewardModel, KTO, GRPO, RLOO, IterativeDPO)
-}
+_OFFLINE = (DPO, IPO, CDPO, RobustDPO, Hinge, SimPO, ORPO, SFT, RewardModel, KTO)
+_ONLINE = (GRPO, DrGRPO, DAPO, RLOO, IterativeDPO)
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (*_OFFLINE, *_ONLINE)}
 
 
 def hyperparameter_owners() -> dict[str, list[str]]:

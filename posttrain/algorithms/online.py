@@ -7,9 +7,12 @@ Sampling settings live in the config's ``generation:`` section, shared by every 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from posttrain.algorithms.base import Algorithm
+
+if TYPE_CHECKING:
+    from posttrain.config import GenerationConfig
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -31,6 +34,15 @@ class OnlineAlgorithm(Algorithm):
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "num_generations", f"must be >= 2 (a group), got {self.num_generations}")
         _check(self.beta >= 0, "beta", f"must be >= 0 (0 loads no reference), got {self.beta}")
+
+    def extra_rewards(self, generation: GenerationConfig) -> list[dict[str, Any]]:
+        """Reward terms the method adds to the configured ones (DAPO: its soft overlong punishment)."""
+        return []
+
+    def masks_truncated(self, generation: GenerationConfig) -> bool:
+        """Whether completions cut by ``max_new_tokens`` get no loss: ``generation.mask_truncated``, or the
+        method's default when that is null (DAPO filters them, the others keep them)."""
+        return bool(generation.mask_truncated)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,55 @@ class GRPO(OnlineAlgorithm):
 
 
 @dataclass(frozen=True)
+class DrGRPO(GRPO):
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783, Eq. 3): GRPO
+    without its two biases: no division by the group std (``scale_rewards: none``) and a constant normaliser
+    instead of each sequence's length (``loss_aggregation: dr_grpo``: the token sum over max_new_tokens x
+    sequences). Every other GRPO key is still accepted and keeps GRPO's default."""
+
+    name: ClassVar[str] = "dr_grpo"
+    scale_rewards: Literal["std", "none"] = "none"
+    loss_aggregation: Literal["grpo", "dapo", "dr_grpo"] = "dr_grpo"
+
+
+@dataclass(frozen=True)
+class DAPO(GRPO):
+    """DAPO (Yu et al. 2025, arXiv:2503.14476, Eq. 8 and Section 3): GRPO with clip-higher
+    (``epsilon_high: 0.28``), no KL term (``beta: 0``), the token-level loss (``loss_aggregation: dapo``),
+    dynamic sampling (groups whose rewards all tie are dropped and the batch refilled), overlong filtering
+    (``generation.mask_truncated`` defaults to true) and the soft overlong punishment of Eq. 13 added to the
+    rewards, with a buffer of ``overlong_buffer`` tokens before ``max_new_tokens`` (the paper: 4096 of 20480,
+    the same fifth; 0 turns the term off)."""
+
+    name: ClassVar[str] = "dapo"
+    epsilon_high: float = 0.28
+    beta: float = 0.0
+    loss_aggregation: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    dynamic_sampling: bool = True
+    overlong_buffer: int | None = None
+    """L_cache of Eq. 13 in tokens; null = max_new_tokens // 5; 0 = no soft overlong punishment."""
+    overlong_penalty: float = 1.0
+    """Weight of the soft overlong punishment (it lies in [-1, 0] before the weight)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        buf = self.overlong_buffer
+        _check(buf is None or buf >= 0, "overlong_buffer", f"must be >= 0 or null, got {buf}")
+        _check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
+
+    def extra_rewards(self, generation: GenerationConfig) -> list[dict[str, Any]]:
+        cache = generation.max_new_tokens // 5 if self.overlong_buffer is None else self.overlong_buffer
+        cache = min(cache, generation.max_new_tokens)
+        if cache == 0 or self.overlong_penalty == 0:
+            return []
+        spec = {"name": "overlong", "label": "soft_overlong", "max_length": generation.max_new_tokens, "cache": cache}
+        return [{**spec, "weight": self.overlong_penalty}]
+
+    def masks_truncated(self, generation: GenerationConfig) -> bool:
+        return True if generation.mask_truncated is None else generation.mask_truncated
+
+
+@dataclass(frozen=True)
 class RLOO(OnlineAlgorithm):
     """RLOO (Ahmadian et al. 2024): k samples per prompt, advantage r_i minus the mean of the other k-1,
     REINFORCE on the summed sequence log-prob; the KL to the reference (k1, summed over the sequence, times
@@ -94,6 +155,8 @@ class IterativeDPO(OnlineAlgorithm):
     reference_update: Literal["initial", "last"] = "initial"
     steps_per_round: int | None = None
     """Optimizer steps per round; None = one pass (``epochs``) over the round's pairs."""
+    prompts_per_round: int | None = None
+    """Prompts sampled each round, drawn afresh per round from the training prompts; None = all of them."""
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "num_generations", f"must be >= 2, got {self.num_generations}")
@@ -102,3 +165,5 @@ class IterativeDPO(OnlineAlgorithm):
         _check(self.tie_threshold >= 0, "tie_threshold", f"must be >= 0, got {self.tie_threshold}")
         spr = self.steps_per_round
         _check(spr is None or spr >= 1, "steps_per_round", f"must be >= 1 or null, got {spr}")
+        ppr = self.prompts_per_round
+        _check(ppr is None or ppr >= 1, "prompts_per_round", f"must be >= 1 or null, got {ppr}")

@@ -3,7 +3,8 @@
     python3 -m posttrain.bundled.arithmetic [--out DIR]
 
 writes ``arith_train.jsonl`` (500 rows) and ``arith_heldout.jsonl`` (125 rows) into ``DIR`` (default: this
-folder). Each row is ``{"prompt": str, "answer": str, "level": int}``: the answer is an integer written
+folder), and their rows of levels 1 and 3 as ``arith_easy_train.jsonl`` (200) and ``arith_easy_heldout.jsonl``
+(50). Each row is ``{"prompt": str, "answer": str, "level": int}``: the answer is an integer written
 plainly ("-12", "1540"), and every prompt ends by asking for "The answer is N.", which
 :class:`posttrain.rewards.NumericAnswer` checks against the ``answer`` column. Levels 1..5 take turns (100
 train and 25 held-out rows each). Every choice comes from ``random.Random(seed)``, so the files are
@@ -23,6 +24,11 @@ from typing import Any
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 N_TRAIN, N_HELDOUT = 500, 125
 TRAIN_FILE, HELDOUT_FILE = "arith_train.jsonl", "arith_heldout.jsonl"
+# The levels a 135M model answers right some of the time (SmolLM2-135M-Instruct, sampled at temperature
+# 0.7: level 1 about 10%, level 3 about 13%, the others about 0%): groups of 8 samples then often hold a
+# success, which GRPO-style methods need to learn anything. The same rows as in the full files.
+EASY_LEVELS = (1, 3)
+EASY_TRAIN_FILE, EASY_HELDOUT_FILE = "arith_easy_train.jsonl", "arith_easy_heldout.jsonl"
 INSTRUCTION = "End with 'The answer is N.'"
 BARE = ("What is {e}?", "Compute {e}.", "Calculate {e}.")
 NAMES = ("Tom", "Anna", "Sam", "Mia", "Leo", "Zoe", "Ben", "Ella", "Max", "Lily")
@@ -239,7 +245,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, problems in zip((TRAIN_FILE, HELDOUT_FILE), build_splits(), strict=True):
+    train, heldout = build_splits()
+    easy = [[p for p in split if p.level in EASY_LEVELS] for split in (train, heldout)]
+    names = (TRAIN_FILE, HELDOUT_FILE, EASY_TRAIN_FILE, EASY_HELDOUT_FILE)
+    for name, problems in zip(names, (train, heldout, *easy), strict=True):
         with (args.out / name).open("w", encoding="utf-8", newline="\n") as f:
             for problem in problems:
                 f.write(json.dumps(problem.row(), ensure_ascii=False) + "\n")

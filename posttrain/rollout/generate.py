@@ -29,7 +29,7 @@ __all__ = ["Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGen
 # distribution, the one whose log-probs the loss uses.
 _NEUTRAL: dict[str, Any] = dict(
     num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, min_p=0.0,
-    epsilon_cutoff=0.0, eta_cutoff=0.0, min_new_tokens=0, min_length=0,
+    epsilon_cutoff=0.0, eta_cutoff=0.0, min_new_tokens=0,
 )  # fmt: skip
 
 

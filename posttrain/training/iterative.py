@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig
-from posttrain.data.prompts import load_prompts, repeat_columns
+from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
 from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.rewards.combine import load_rewards
 from posttrain.rollout.generate import Generator, HFGenerator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training.offline import RunResult, prepare_output_dir, run
+from posttrain.training.online import heldout_figures, method_rewards
 
 
 def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -
     assert isinstance(alg, IterativeDPO)
     cfg = config.to_dict()
     for key in ("rewards", "generation", "num_generations", "rounds", "tie_threshold", "loss", "reference_update",
-                "steps_per_round", "beta"):  # fmt: skip
+                "steps_per_round", "prompts_per_round", "beta"):  # fmt: skip
         cfg.pop(key, None)
     cfg.update(method=alg.loss, model=model, output_dir=str(out), max_steps=alg.steps_per_round)
     cfg["data"] = {**cfg["data"], "train": str(pairs_file), "eval": None, "eval_size": 0}
@@ -47,6 +47,15 @@ def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -
     return cfg
 
 
+def round_prompts(prompts: list[PromptRecord], k: int | None, seed: int, round_number: int) -> list[PromptRecord]:
+    """Round ``round_number``'s prompts: all of them, or ``k`` drawn without replacement from a generator
+    seeded by (seed, round), so that every round sees fresh prompts and a rerun sees the same ones."""
+    if k is None or k >= len(prompts):
+        return prompts
+    g = torch.Generator().manual_seed(seed * 1_000_003 + round_number)
+    return [prompts[i] for i in sorted(torch.randperm(len(prompts), generator=g)[:k].tolist())]
+
+
 def run_iterative(
     config: TrainConfig, resume: bool = False, generator_factory: Callable[[nn.Module, Any], Generator] | None = None
 ) -> RunResult:
@@ -54,22 +63,27 @@ def run_iterative(
     assert isinstance(alg, IterativeDPO)
     if resume:
         raise ConfigError("--resume: not supported for iterative_dpo yet (each round's offline run is resumable)")
-    if not config.rewards:
-        raise ConfigError("rewards: method iterative_dpo needs at least one reward to rank its samples")
-    reward_fn = load_rewards(config.rewards)
+    reward_fn = method_rewards(config)
     tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
-    prompts, _ = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
+    all_prompts, _ = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
+    eval_prompts = []
+    if config.data.eval:
+        eval_prompts = load_prompts(config.data.eval, config.data.split, renderer, config.data.prompt_limit)[0]
+    make_generator = generator_factory or (lambda m, t: HFGenerator(m, t))
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model, rounds, result = config.model, [], None
     for r in range(1, alg.rounds + 1):
         # 1. Sample N answers per prompt from the current model and score them.
+        prompts = round_prompts(all_prompts, alg.prompts_per_round, config.seed, r)
         policy = load_causal_lm(model, trainable=False).to(device)
-        generator = (generator_factory or (lambda m, t: HFGenerator(m, t)))(policy, tokenizer)
+        generator = make_generator(policy, tokenizer)
+        heldout = heldout_figures(generator, reward_fn, eval_prompts, config, pad_id) if eval_prompts else {}
         rollout = generator.generate([p.prompt_ids for p in prompts], alg.num_generations, params, config.seed + r)
         del generator, policy
         n = alg.num_generations
@@ -93,7 +107,9 @@ def run_iterative(
                        "score_rejected": scores[pair.rejected]}  # fmt: skip
                 f.write(json.dumps(row) + "\n")
         reward_mean = sum(scores) / len(scores)
-        info = {"round": r, "pairs": len(pairs), "prompts": len(prompts), "reward_mean": reward_mean}
+        info: dict[str, Any] = {"round": r, "pairs": len(pairs), "prompts": len(prompts), "reward_mean": reward_mean}
+        if heldout:
+            info["heldout_at_start"] = heldout
         tqdm.write(f"round {r}: mean reward {reward_mean:.3f}, {len(pairs)} pairs from {len(prompts)} prompts")
         rounds.append(info)
         if len(pairs) < config.batch_size:
@@ -105,6 +121,11 @@ def run_iterative(
     if result is None:
         raise ConfigError("iterative_dpo: no round produced enough pairs to train; raise num_generations or rounds")
     shutil.copytree(result.model_dir, output_dir / "model")
-    summary = {"method": alg.name, "model": config.model, "rounds": rounds}
+    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "rounds": rounds}
+    if eval_prompts:  # greedy answers to the held-out prompts, before the first round and after the last
+        summary["heldout_before"] = rounds[0]["heldout_at_start"]
+        final = load_causal_lm(str(output_dir / "model"), trainable=False).to(device)
+        summary["heldout_after"] = heldout_figures(make_generator(final, tokenizer), reward_fn, eval_prompts,
+                                                   config, pad_id)  # fmt: skip
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, output_dir / "model", result.metrics_path, result.steps, summary)

@@ -59,15 +59,16 @@ class Samples:
 class Scorer:
     """Log-probs of samples under a model, at the sampling temperature and the run's precision."""
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, device: torch.device, temperature: float | None = None) -> None:
         self.config = config
         self.device = device
+        self.temperature = config.generation.temperature if temperature is None else temperature
 
     def __call__(self, model: nn.Module, s: Samples, rows: slice, entropy: bool = False) -> TokenLogps:
         with autocast(self.config.precision, self.device):
             return completion_logps(
                 model, s.input_ids[rows].to(self.device), s.attention_mask[rows].to(self.device),
-                s.loss_mask[rows].to(self.device), temperature=self.config.generation.temperature,
+                s.loss_mask[rows].to(self.device), temperature=self.temperature,
                 chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
             )  # fmt: skip
 
@@ -128,6 +129,18 @@ def concat_samples(a: Samples, b: Samples, pad_id: int) -> Samples:
     )  # fmt: skip
 
 
+def heldout_figures(
+    generator: Generator, reward_fn: CombinedReward, prompts: list[PromptRecord], config: TrainConfig, pad_id: int
+) -> dict[str, float]:
+    """Greedy answers to held-out prompts: mean reward (the accuracy, under a 0/1 verifier), per reward, and
+    the mean completion length."""
+    gen = config.generation
+    greedy = SamplingParams(gen.max_new_tokens, 0.0, 1.0, 0, gen.stop)
+    s = sample(generator, reward_fn, prompts, 1, greedy, config.seed, pad_id, False)
+    return {"reward": float(s.rewards.mean()), "completion_length": float(s.lengths.mean()),
+            **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()}}  # fmt: skip
+
+
 def grpo_loss(
     alg: GRPO,
     cur: TokenLogps,
@@ -160,6 +173,23 @@ def rloo_loss_of(cur: TokenLogps, advantages: Tensor, counts: dict[str, int]) ->
     return aggregate(out.loss, global_count=counts["sequences"]), {}
 
 
+def method_rewards(config: TrainConfig) -> CombinedReward:
+    """The configured rewards plus the terms the method adds itself (DAPO's soft overlong punishment)."""
+    alg = config.algorithm
+    assert isinstance(alg, OnlineAlgorithm)
+    if not config.rewards:
+        raise ConfigError(f"rewards: method {alg.name} needs at least one reward (e.g. [{{name: numeric_answer}}])")
+    extra = alg.extra_rewards(config.generation)
+    named = {spec if isinstance(spec, str) else spec.get("name") for spec in config.rewards}
+    for spec in extra:
+        if spec["name"] in named:
+            raise ConfigError(
+                f"rewards: method {alg.name} adds the {spec['name']!r} reward itself (overlong_buffer, "
+                "overlong_penalty); remove it from rewards or set overlong_buffer: 0"
+            )
+    return load_rewards([*config.rewards, *extra])
+
+
 def run_online(
     config: TrainConfig, resume: bool = False, generator_factory: Callable[[nn.Module, Any], Generator] | None = None
 ) -> RunResult:
@@ -170,9 +200,7 @@ def run_online(
     if resume:
         raise ConfigError("--resume: not supported for online methods yet")
     # 1. Prompts and rewards: validated before anything is written.
-    if not config.rewards:
-        raise ConfigError(f"rewards: method {alg.name} needs at least one reward (e.g. [{{name: numeric_answer}}])")
-    reward_fn = load_rewards(config.rewards)
+    reward_fn = method_rewards(config)
     tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
     prompts, stats = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
@@ -209,6 +237,7 @@ def run_online(
     score = Scorer(config, device)
     n = alg.num_generations
     mu = alg.num_iterations if isinstance(alg, GRPO) else 1
+    mask_truncated = alg.masks_truncated(gen)
 
     # 3. Optimizer and schedule (one optimizer step per pass over a rollout).
     per_epoch = len(prompts) // config.batch_size
@@ -221,11 +250,7 @@ def run_online(
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
 
     def evaluate(step: int) -> dict[str, float]:
-        """Greedy answers to the held-out prompts: mean reward (accuracy under a 0/1 verifier)."""
-        greedy = SamplingParams(gen.max_new_tokens, 0.0, 1.0, 0, gen.stop)
-        s = sample(generator, reward_fn, eval_prompts, 1, greedy, config.seed, tokenizer.pad_token_id, False)
-        figures = {"reward": float(s.rewards.mean()), "completion_length": float(s.lengths.mean()),
-                   **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()}}  # fmt: skip
+        figures = heldout_figures(generator, reward_fn, eval_prompts, config, tokenizer.pad_token_id)
         writer.write({"split": "eval", "step": step, **figures})
         return figures
 
@@ -239,7 +264,7 @@ def run_online(
         t0 = time.perf_counter()
         batch = [prompts[i] for i in batch_indices(step, len(prompts), config.batch_size, config.seed)]
         draw_seed = config.seed * 1_000_003 + step
-        s = sample(generator, reward_fn, batch, n, params, draw_seed, tokenizer.pad_token_id, gen.mask_truncated)
+        s = sample(generator, reward_fn, batch, n, params, draw_seed, tokenizer.pad_token_id, mask_truncated)
         tied_share = float(tied_groups(s.rewards, n).double().mean())
         resampled = 0
         if isinstance(alg, GRPO) and alg.dynamic_sampling:
@@ -251,7 +276,7 @@ def run_online(
                 g = torch.Generator().manual_seed(draw_seed * 31 + resampled)
                 extra = [prompts[i] for i in torch.randperm(len(prompts), generator=g)[: config.batch_size].tolist()]
                 more = sample(generator, reward_fn, extra, n, params, draw_seed + 7919 * resampled,
-                              tokenizer.pad_token_id, gen.mask_truncated)  # fmt: skip
+                              tokenizer.pad_token_id, mask_truncated)  # fmt: skip
                 kept = concat_samples(
                     kept, select_groups(more, ~tied_groups(more.rewards, n), n), tokenizer.pad_token_id
                 )
