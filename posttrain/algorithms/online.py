@@ -138,6 +138,69 @@ class RLOO(OnlineAlgorithm):
 
 
 @dataclass(frozen=True)
+class PPO(OnlineAlgorithm):
+    """PPO for RLHF, the third stage of InstructGPT (Ouyang et al. 2022, Eq. 2; Ziegler et al. 2019): a
+    critic gives per-token values; the reward of a completion is its score on the last token minus
+    ``beta`` times the per-token k1 KL to the reference on every token; GAE (``gamma``, ``lam``) gives
+    advantages (whitened over the batch) and returns = advantages + old values; ``ppo_epochs`` passes of
+    ``num_mini_batches`` optimizer steps each over the rollout, with the clipped policy loss (``epsilon``,
+    Schulman et al. 2017, Eq. 7) and the clipped value loss (``value_clip``, weighted ``vf_coef``).
+    Defaults follow TRL's PPO trainer and "The N+ Implementation Details of RLHF with PPO" (Huang et al.
+    2024): one sample per prompt, beta 0.05, 4 epochs, clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1,
+    lam 0.95."""
+
+    name: ClassVar[str] = "ppo"
+    num_generations: int = 1
+    beta: float = 0.05
+    adaptive_kl: bool = False
+    """Adapt beta towards ``kl_target`` (Ziegler et al. 2019, Sec. 2.2) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """With ``adaptive_kl``: the policy-to-reference KL (nats per completion) to hold."""
+    kl_gain: float = 0.1
+    """With ``adaptive_kl``: K_beta, how fast beta moves (at most +-20% x K_beta per step)."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    epsilon: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch; the rollout's rows are shuffled and split into this many minibatches."""
+    whiten_advantages: bool = True
+    target_kl: float | None = None
+    """Stop a rollout's epochs early once the mean approximate KL(old || new) per token exceeds it."""
+    critic_model: str | None = None
+    """The critic's starting weights: a reward model (InstructGPT) or any causal LM, given a new value
+    head; null = the ``reward_model`` reward's path when there is one, else the policy's starting model."""
+    share_trunk: bool = False
+    """A value head on the policy's own trunk instead of a separate critic model (one model less)."""
+    critic_learning_rate: float | None = None
+    """The critic's learning rate; null = the policy's."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
+        _check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        _check(self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
+        _check(self.kl_gain >= 0, "kl_gain", f"must be >= 0, got {self.kl_gain}")
+        _check(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        _check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        _check(0 < self.epsilon < 1, "epsilon", f"must be in (0, 1), got {self.epsilon}")
+        _check(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
+        _check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _check(self.num_mini_batches >= 1, "num_mini_batches", f"must be >= 1, got {self.num_mini_batches}")
+        tk = self.target_kl
+        _check(tk is None or tk > 0, "target_kl", f"must be > 0 or null, got {tk}")
+        clr = self.critic_learning_rate
+        _check(clr is None or clr > 0, "critic_learning_rate", f"must be > 0 or null, got {clr}")
+        _check(
+            not (self.share_trunk and self.critic_model),
+            "critic_model",
+            "must be null with share_trunk: true (the value head sits on the policy)",
+        )
+
+
+@dataclass(frozen=True)
 class IterativeDPO(OnlineAlgorithm):
     """Iterative DPO, the seeds' path@N: each round samples ``num_generations`` answers per prompt from the
     current policy, scores them, pairs best against worst (dropping pairs within ``tie_threshold``), saves

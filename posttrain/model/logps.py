@@ -34,6 +34,8 @@ class TokenLogps:
     logps: Tensor
     mask: Tensor
     entropy: Tensor | None = None
+    hidden: Tensor | None = None
+    """(B, T, H) the decoder's last hidden states, when asked for (a value head on the policy's trunk)."""
 
     @property
     def sums(self) -> Tensor:
@@ -132,6 +134,7 @@ def completion_logps(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     position_ids: Tensor | None = None,
+    with_hidden: bool = False,
 ) -> TokenLogps:
     """Log-probs of the tokens marked by ``loss_mask`` under ``model``, (B, T) aligned with ``input_ids``.
 
@@ -141,6 +144,7 @@ def completion_logps(
         temperature: logits are divided by it (online methods score with the sampling temperature).
         chunk_size: completion positions per LM-head chunk.
         with_entropy: also return the entropy of the (tempered) next-token distribution at each position.
+        with_hidden: also return the decoder's hidden states (B, T, H), e.g. for a value head on the trunk.
         position_ids: (B, T) for PACKED rows (several sequences one after another, positions restarting at
             0 for each). The model is then called without ``attention_mask``, which makes transformers
             build a block-diagonal causal mask from the position resets: no token attends across sequences.
@@ -186,4 +190,4 @@ def completion_logps(
     if with_entropy:
         flat_ent = torch.cat(entropies) if entropies else flat.new_zeros((0,))
         entropy = torch.zeros_like(logps).masked_scatter(mask, flat_ent)
-    return TokenLogps(logps=logps, mask=mask, entropy=entropy)
+    return TokenLogps(logps=logps, mask=mask, entropy=entropy, hidden=hidden if with_hidden else None)

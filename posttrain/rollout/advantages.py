@@ -20,7 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["gae", "group_advantages", "rloo_advantages", "tied_groups", "whiten"]
+__all__ = [
+    "adaptive_kl_coef", "explained_variance", "gae", "group_advantages", "ppo_token_rewards", "rloo_advantages",
+    "tied_groups", "whiten",
+]  # fmt: skip
 
 
 def _grouped(rewards: Tensor, size: int, name: str) -> Tensor:
@@ -189,3 +192,56 @@ def whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float 
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(valid, whitened, 0.0)
+
+
+def ppo_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """PPO's per-token reward for RLHF: ``r_t = -beta * kl_t`` on every completion token, plus the sequence's
+    score on its last one. Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences",
+    arXiv:1909.08593), Eq. 2, and InstructGPT (Ouyang et al. 2022, Eq. 2): ``R(x, y) = r(x, y) - beta log
+    (pi(y|x) / pi_ref(y|x))``, with the KL spread over the tokens that produced it (k1 per token).
+
+    ``scores`` (B,), ``kl`` and ``mask`` (B, T); a row with no valid token gets nothing (its score is dropped,
+    as a masked truncated completion's is). Below: row 0's tokens are 1 and 2, row 1's token 1 only.
+
+    >>> kl = torch.tensor([[0.0, 0.5, -1.0], [0.0, 2.0, 9.0]]); mask = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    >>> ppo_token_rewards(torch.tensor([1.0, -1.0]), kl, mask, beta=0.1)
+    tensor([[ 0.0000, -0.0500,  1.1000],
+            [ 0.0000, -1.2000,  0.0000]])
+    """
+    if kl.shape != mask.shape or scores.shape != kl.shape[:1]:
+        raise ValueError(f"scores (B,), kl and mask (B, T) expected, got {scores.shape}, {kl.shape}, {mask.shape}")
+    valid = mask.to(torch.bool)
+    rewards = torch.where(valid, -beta * kl, 0.0)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(valid)
+    last = torch.where(valid, positions, -1).amax(-1)  # (B,) index of the last valid token, -1 when none
+    rows = torch.nonzero(last >= 0).flatten()
+    rewards[rows, last[rows]] += scores[rows].to(rewards.dtype)
+    return rewards
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 - Var[R - V] / Var[R]`` over the valid tokens: 1 when the critic predicts the returns, 0 when it
+    does no better than their mean, negative when worse (the PPO diagnostic of OpenAI Baselines). Below,
+    R = (1, 2, 3, 5) has unbiased variance 8.75 / 3 and R - V = (0, 0, 0, 1) has 0.75 / 3: 1 - 0.75 / 8.75.
+
+    >>> mask = torch.ones(1, 4, dtype=torch.bool)
+    >>> explained_variance(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1.0, 2.0, 3.0, 5.0]]), mask)
+    0.9142857142857143
+    """
+    valid = mask.to(torch.bool)
+    r, v = returns[valid].double(), values[valid].double()
+    if r.numel() < 2 or float(r.var()) == 0.0:
+        return float("nan")
+    return float(1.0 - (r - v).var() / r.var())
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, gain: float = 0.1) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (arXiv:1909.08593), Sec. 2.2:
+    ``e = clip(KL / KL_target - 1, -0.2, 0.2)``, ``beta <- beta * (1 + K_beta * e)``, ``K_beta = 0.1``.
+    ``kl`` is the measured policy-to-reference KL of the step (nats per sequence).
+
+    >>> adaptive_kl_coef(0.1, kl=12.0, target=6.0), adaptive_kl_coef(0.1, kl=5.4, target=6.0)
+    (0.10200000000000001, 0.099)
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + gain * error)

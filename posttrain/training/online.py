@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from posttrain.algorithms.online import GRPO, RLOO, OnlineAlgorithm
+from posttrain.algorithms.online import GRPO, PPO, RLOO, OnlineAlgorithm
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.collate import pad_completions
 from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
@@ -34,13 +34,15 @@ from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_cli
 from posttrain.model import lora
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm, load_tokenizer
 from posttrain.model.logps import TokenLogps, completion_logps
+from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
 from posttrain.rewards.combine import CombinedReward, load_rewards
-from posttrain.rollout.advantages import group_advantages, rloo_advantages, tied_groups
+from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
 from posttrain.rollout.generate import Generator, HFGenerator, SamplingParams
 from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricsWriter
 from posttrain.training.offline import RunResult, batch_indices, prepare_output_dir
 from posttrain.training.optim import build_optimizer, build_scheduler
+from posttrain.training.ppo import critic_values, ppo_figures, ppo_loss, ppo_targets
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class Samples:
     lengths: Tensor  # (N,) completion tokens
     truncated: Tensor  # (N,) bool
 
+    def rows(self, rows: slice | Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids, attention_mask, loss_mask)`` of some rows, on ``device``."""
+        return tuple(t[rows].to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask))  # type: ignore[return-value]
+
 
 class Scorer:
     """Log-probs of samples under a model, at the sampling temperature and the run's precision."""
@@ -64,12 +70,13 @@ class Scorer:
         self.device = device
         self.temperature = config.generation.temperature if temperature is None else temperature
 
-    def __call__(self, model: nn.Module, s: Samples, rows: slice, entropy: bool = False) -> TokenLogps:
+    def __call__(
+        self, model: nn.Module, s: Samples, rows: slice | Tensor, entropy: bool = False, hidden: bool = False
+    ) -> TokenLogps:
         with autocast(self.config.precision, self.device):
             return completion_logps(
-                model, s.input_ids[rows].to(self.device), s.attention_mask[rows].to(self.device),
-                s.loss_mask[rows].to(self.device), temperature=self.temperature,
-                chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
+                model, *s.rows(rows, self.device), temperature=self.temperature,
+                chunk_size=self.config.logps_chunk_size, with_entropy=entropy, with_hidden=hidden,
             )  # fmt: skip
 
 
@@ -236,14 +243,31 @@ def run_online(
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
     score = Scorer(config, device)
     n = alg.num_generations
-    mu = alg.num_iterations if isinstance(alg, GRPO) else 1
+    # Passes over each rollout (GRPO's mu, PPO's epochs) and optimizer steps per pass (PPO's minibatches).
+    passes = alg.num_iterations if isinstance(alg, GRPO) else alg.ppo_epochs if isinstance(alg, PPO) else 1
+    minibatches = alg.num_mini_batches if isinstance(alg, PPO) else 1
     mask_truncated = alg.masks_truncated(gen)
+    critic: nn.Module | None = None
+    if isinstance(alg, PPO):  # the critic: a value head on the policy's trunk, or a model of its own
+        if alg.share_trunk:
+            critic = SharedCritic(int(policy.config.get_text_config().hidden_size)).to(device)  # type: ignore[union-attr,operator]
+        else:
+            source = critic_source(alg.critic_model, config.rewards, config.model)
+            critic = load_critic(source, tokenizer, gradient_checkpointing=config.gradient_checkpointing).to(device)
 
-    # 3. Optimizer and schedule (one optimizer step per pass over a rollout).
+    # 3. Optimizers and schedules (one optimizer step per minibatch of each pass over a rollout).
     per_epoch = len(prompts) // config.batch_size
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     optimizer = build_optimizer(policy, config.lr, config.adam_betas, config.adam_eps, config.weight_decay)
-    scheduler = build_scheduler(optimizer, total * mu, config.warmup_ratio, config.lr_scheduler)
+    scheduler = build_scheduler(optimizer, total * passes * minibatches, config.warmup_ratio, config.lr_scheduler)
+    steppers: list[tuple[torch.optim.Optimizer, Any]] = [(optimizer, scheduler)]
+    if critic is not None:
+        assert isinstance(alg, PPO)
+        critic_lr = alg.critic_learning_rate or config.lr
+        critic_opt = build_optimizer(critic, critic_lr, config.adam_betas, config.adam_eps, config.weight_decay)
+        critic_sched = build_scheduler(critic_opt, total * passes * minibatches, config.warmup_ratio,
+                                       config.lr_scheduler)  # fmt: skip
+        steppers.append((critic_opt, critic_sched))
     (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     writer = MetricsWriter(output_dir / "metrics.jsonl")
     summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total}
@@ -260,12 +284,15 @@ def run_online(
     # 4. The loop.
     progress = tqdm(total=total, desc=alg.name, dynamic_ncols=True)
     params_trained = [p for p in policy.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
+    shared = isinstance(critic, SharedCritic)
+    kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
     for step in range(total):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in batch_indices(step, len(prompts), config.batch_size, config.seed)]
         draw_seed = config.seed * 1_000_003 + step
         s = sample(generator, reward_fn, batch, n, params, draw_seed, tokenizer.pad_token_id, mask_truncated)
-        tied_share = float(tied_groups(s.rewards, n).double().mean())
+        tied_share = float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
         resampled = 0
         if isinstance(alg, GRPO) and alg.dynamic_sampling:
             # DAPO: groups whose rewards all tie have zero advantage and teach nothing; keep the others and
@@ -282,62 +309,99 @@ def run_online(
                 )
             if len(kept.rewards):  # (with none informative at all, the tied batch stays: zero advantages)
                 s = select_groups(kept, torch.arange(len(kept.rewards) // n) < config.batch_size, n)
-        rows = [slice(i, i + micro) for i in range(0, len(s.rewards), micro)]
-        counts = {"tokens": int(s.loss_mask.sum()), "sequences": int((s.loss_mask.sum(-1) > 0).sum())}
-        with torch.no_grad():  # reference (and old-policy) log-probs of the samples, before any update
-            ref = None
+        everything = torch.arange(len(s.rewards))
+        with torch.no_grad():  # reference and old-policy log-probs (and old values) before any update
+            ref = old = old_values = None
             if ref_model is not None:
                 with evaluation_mode(ref_model), ref_context():
-                    ref = [score(ref_model, s, r).logps for r in rows]
-            old = [score(policy, s, r).logps for r in rows] if mu > 1 else None
+                    ref = torch.cat([score(ref_model, s, r).logps for r in everything.split(micro)])
+            if passes > 1 or isinstance(alg, PPO) or (isinstance(alg, RLOO) and ref is not None):
+                outs = [(r, score(policy, s, r, hidden=shared)) for r in everything.split(micro)]
+                old = torch.cat([o.logps for _, o in outs])
+                if critic is not None:
+                    old_values = torch.cat([critic_values(critic, *s.rows(r, device), o) for r, o in outs])
+                del outs
+        targets = None
         if isinstance(alg, RLOO):
             kl = torch.zeros_like(s.rewards)
-            if ref is not None:  # the KL penalty folded into the reward, summed over each sequence (k1)
-                with torch.no_grad():
-                    cur0 = torch.cat([score(policy, s, r).logps for r in rows])
-                kl = kl_k1(policy_logps=cur0, ref_logps=torch.cat(ref)).sum(-1).double().cpu()
+            if ref is not None and old is not None:  # the KL penalty folded into the reward (k1, summed)
+                kl = kl_k1(policy_logps=old, ref_logps=ref).sum(-1).double().cpu()
             advantages = rloo_advantages(s.rewards - alg.beta * kl, n)
+        elif isinstance(alg, PPO):
+            assert old is not None and old_values is not None
+            targets = ppo_targets(alg, kl_coef, s.rewards.to(device), old, ref, old_values, s.loss_mask.to(device))
         else:
             assert isinstance(alg, GRPO)
             advantages = group_advantages(s.rewards, n, scale=alg.scale_rewards)
         sums: dict[str, float] = {}
-        for _ in range(mu):
-            for k, r in enumerate(rows):
-                cur = score(policy, s, r, entropy=k == 0)
-                adv = advantages[r].to(device)
-                if isinstance(alg, GRPO):
-                    old_r = old[k] if old is not None else cur.logps.detach()
-                    ref_r = ref[k] if ref is not None else None
-                    loss, metrics = grpo_loss(alg, cur, old_r, ref_r, adv, counts, gen.max_new_tokens)
-                else:
-                    loss, metrics = rloo_loss_of(cur, adv, counts)
-                loss.backward()
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / mu
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.sum()) / mu
-                if cur.entropy is not None and k == 0:
-                    sums["entropy_sum"] = float((cur.entropy.detach() * cur.mask).sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params_trained, config.max_grad_norm or math.inf)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        tokens = max(1, counts["tokens"])
+        done = 0
+        for _ in range(passes):
+            approx_kl, pass_tokens = 0.0, 0
+            # PPO shuffles the rollout into minibatches, one optimizer step each; the others take it whole.
+            order = torch.randperm(len(s.rewards)) if minibatches > 1 else everything
+            for mb in order.tensor_split(minibatches):
+                mb_mask = s.loss_mask[mb]
+                counts = {"tokens": int(mb_mask.sum()), "sequences": int((mb_mask.sum(-1) > 0).sum())}
+                for r in mb.split(micro):
+                    first = "entropy_sum" not in sums
+                    cur = score(policy, s, r, entropy=first, hidden=shared)
+                    if isinstance(alg, PPO):
+                        assert targets is not None and old is not None and critic is not None
+                        values = critic_values(critic, *s.rows(r, device), cur)
+                        loss, metrics = ppo_loss(alg, cur, old[r], values, targets, r.to(device), counts["tokens"])
+                    elif isinstance(alg, GRPO):
+                        old_r = old[r] if old is not None else cur.logps.detach()
+                        ref_r = ref[r] if ref is not None else None
+                        adv = advantages[r].to(device)
+                        loss, metrics = grpo_loss(alg, cur, old_r, ref_r, adv, counts, gen.max_new_tokens)
+                    else:
+                        loss, metrics = rloo_loss_of(cur, advantages[r].to(device), counts)
+                    loss.backward()
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    for name, value in metrics.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.sum())
+                    approx_kl += float(metrics["approx_kl_sum"].sum()) if "approx_kl_sum" in metrics else 0.0
+                    pass_tokens += int(cur.mask.sum())
+                    if cur.entropy is not None and first:
+                        sums["entropy_sum"] = float((cur.entropy.detach() * cur.mask).sum())
+                        sums["entropy_tokens"] = float(cur.mask.sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params_trained, config.max_grad_norm or math.inf)
+                lr = scheduler.get_last_lr()[0]
+                if critic_params:
+                    torch.nn.utils.clip_grad_norm_(critic_params, config.max_grad_norm or math.inf)
+                for opt, sched in steppers:
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+            done += 1
+            if isinstance(alg, PPO) and alg.target_kl is not None and approx_kl / max(1, pass_tokens) > alg.target_kl:
+                break  # the policy has moved far enough from the one that sampled: stop this rollout's epochs
+        for name in list(sums):  # per pass, as one pass over the rollout would report
+            if name not in ("entropy_sum", "entropy_tokens"):
+                sums[name] /= done
+        tokens = max(1, int(s.loss_mask.sum()))
         figures = {
             "loss": sums["loss"], "reward": float(s.rewards.mean()), "reward_std": float(s.rewards.std()),
             **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()},
             "tied_groups": tied_share, "resampled": resampled, "groups": len(s.rewards) // n,
-            "tied_groups_trained": float(tied_groups(s.rewards, n).double().mean()),
+            "tied_groups_trained": float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0,
             "completion_length": float(s.lengths.mean()), "truncated": float(s.truncated.double().mean()),
             "grad_norm": float(grad_norm), "lr": lr, "step_time_s": time.perf_counter() - t0,
         }  # fmt: skip
         if "clipped_low_tokens" in sums:
             figures["clip_low"] = sums["clipped_low_tokens"] / tokens
             figures["clip_high"] = sums["clipped_high_tokens"] / tokens
+            figures["approx_kl_old"] = sums["approx_kl_sum"] / tokens
         if "kl_sum" in sums:
             figures["kl"] = sums["kl_sum"] / tokens
         if "entropy_sum" in sums:
-            figures["entropy"] = sums["entropy_sum"] / max(1, int(s.loss_mask[rows[0]].sum()))
+            figures["entropy"] = sums["entropy_sum"] / max(1.0, sums["entropy_tokens"])
+        if isinstance(alg, PPO) and targets is not None:
+            figures.update(ppo_figures(targets, s.loss_mask.to(device), kl_coef))
+            figures.update(value_loss=sums["value_loss"], policy_loss=sums["policy_loss"], epochs=done,
+                           value_clip_frac=sums["value_clipped_tokens"] / tokens)  # fmt: skip
+            if alg.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, float(figures["kl_ref"]), alg.kl_target, alg.kl_gain)
         writer.write({"split": "train", "step": step + 1, **figures})
         progress.update(1)
         progress.set_postfix(reward=f"{figures['reward']:.3f}", loss=f"{figures['loss']:.4f}")
@@ -349,5 +413,7 @@ def run_online(
     model_dir = output_dir / "model"
     final = lora.for_saving(policy, config.lora.save) if config.lora else policy
     checkpoint.save_model(final, tokenizer, model_dir)
+    if isinstance(critic, (SeparateCritic, SharedCritic)):
+        critic.save(output_dir / "critic", tokenizer)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)
