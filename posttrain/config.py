@@ -135,6 +135,11 @@ class GenerationConfig:
     """0 = off."""
     stop: tuple[str, ...] = ()
     """Stop strings: a completion is cut right after the first one."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """``hf``: transformers' ``generate`` on the training module; ``vllm``: a colocated vLLM engine (CUDA GPU,
+    ``pip install vllm``) that receives the current weights before every rollout."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """With ``backend: vllm``: the share of GPU memory vLLM may take (the rest is training's)."""
     mask_truncated: bool | None = None
     """Completions that hit ``max_new_tokens`` without finishing get no loss (DAPO's overlong filtering).
     null: the method's default (true for ``dapo``, false for the others)."""
@@ -144,6 +149,8 @@ class GenerationConfig:
         check(self.temperature > 0, "generation.temperature", f"must be > 0, got {self.temperature}")
         check(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.top_k >= 0, "generation.top_k", f"must be >= 0, got {self.top_k}")
+        u = self.vllm_gpu_memory_utilization
+        check(0 < u < 1, "generation.vllm_gpu_memory_utilization", f"must be in (0, 1), got {u}")
 
 
 Scheduler = Literal["cosine", "linear", "constant"]

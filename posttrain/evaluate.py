@@ -22,9 +22,9 @@ from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.rollout.compare import distribution, sampled_kl, win_rate
-from posttrain.rollout.generate import HFGenerator, SamplingParams
+from posttrain.rollout.generate import SamplingParams
 from posttrain.training.offline import evaluate
-from posttrain.training.online import Scorer, method_rewards, sample
+from posttrain.training.online import Scorer, default_generator, method_rewards, sample
 from posttrain.training.tasks import task_for
 
 
@@ -77,7 +77,8 @@ def compare_generations(
     params = SamplingParams(gen.max_new_tokens, temp, gen.top_p, gen.top_k, gen.stop)
     policy = load_causal_lm(model, trainable=False).to(device)
     reference = load_causal_lm(config.reference.model or config.model, trainable=False).to(device)
-    drawn = {name: sample(HFGenerator(m, tokenizer), reward_fn, prompts, samples, params, config.seed, pad_id, False)
+    make = default_generator(config)
+    drawn = {name: sample(make(m, tokenizer), reward_fn, prompts, samples, params, config.seed, pad_id, False)
              for name, m in (("policy", policy), ("reference", reference))}  # fmt: skip
     out: dict[str, Any] = {"model": model, "data": data, "method": config.method, "prompts": len(prompts),
                            "samples_per_prompt": samples, "temperature": temp}  # fmt: skip

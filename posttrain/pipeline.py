@@ -1,4 +1,4 @@
-"""Pipelines: several offline runs in one YAML, each stage's model the next stage's input.
+"""Pipelines: several runs in one YAML, each stage's model the next stage's input.
 
 A config with a top-level ``stages:`` list is a pipeline (docs/config.md, "Pipelines")::
 
@@ -19,6 +19,8 @@ The rules, in the order they are applied:
   without ``model`` starts from the previous stage's ``model/``. The reference of a DPO-style stage is
   its starting weights (the training loop's rule), so after SFT it is the SFT model, unless the stage's
   ``reference.model`` names another.
+* ``stage:NAME`` anywhere in a stage's values (``model: stage:sft``, a ``reward_model`` reward's
+  ``path: stage:reward``) is the model directory of the earlier stage NAME: SFT -> reward model -> PPO.
 * ``--set KEY=VALUE`` sets a shared key; ``--set stages.N.KEY=VALUE`` sets stage N's own key.
 * Before anything runs, every stage's config and data rows are checked, and every stage's output
   directory: a finished stage (``summary.json`` and ``model/``) is skipped if its saved config is the one
@@ -233,6 +235,7 @@ def _stages(raw: dict[str, Any], overrides: Sequence[str]) -> list[Stage]:
         elif chained:
             merged["model"] = str(stages[-1].output_dir / "model")
         merged["output_dir"] = str(Path(root) / name)
+        merged = _resolve_stage_refs(merged, {s.name: str(s.output_dir / "model") for s in stages}, label)
         try:
             config = from_dict(merged)
         except ConfigError as err:
@@ -250,6 +253,27 @@ def _stages(raw: dict[str, Any], overrides: Sequence[str]) -> list[Stage]:
         key = unused[0]
         raise ConfigError(f"{key}: no stage's method takes it (used by {', '.join(owners[key])})")
     return stages
+
+
+def _resolve_stage_refs(value: Any, models: dict[str, str], label: str) -> Any:
+    """Every string ``stage:NAME`` in a stage's config (``model``, ``reference.model``, ``critic_model``, a
+    reward's ``path`` ...) becomes the model directory of the earlier stage NAME.
+
+    >>> _resolve_stage_refs({"model": "stage:sft", "rewards": [{"path": "stage:rm"}]}, {"sft": "r/sft/model",
+    ...                     "rm": "r/rm/model"}, "stages[2]")
+    {'model': 'r/sft/model', 'rewards': [{'path': 'r/rm/model'}]}
+    """
+    if isinstance(value, dict):
+        return {k: _resolve_stage_refs(v, models, label) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_stage_refs(v, models, label) for v in value]
+    if isinstance(value, str) and value.startswith("stage:"):
+        name = value[len("stage:") :]
+        if name not in models:
+            known = ", ".join(models) or "none"
+            raise ConfigError(f"{label}: {value!r}: no earlier stage is named {name!r} (earlier stages: {known})")
+        return models[name]
+    return value
 
 
 def _saved_differences(stage: Stage) -> list[str]:

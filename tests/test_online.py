@@ -154,3 +154,20 @@ def test_dapo_trains_with_its_overlong_term(tiny_model_dir: Path, prompts_file: 
     twice = {**raw, "rewards": [*raw["rewards"], {"name": "overlong", "max_length": 8, "cache": 2}]}
     with pytest.raises(ConfigError, match=r"rewards: method dapo adds the 'overlong' reward itself"):
         posttrain.train(twice)
+
+
+def test_vllm_backend_where_it_cannot_run_is_a_one_line_error(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Here (no vllm, no GPU) `generation.backend: vllm` stops before anything is written, exit 2."""
+    import yaml
+
+    from posttrain.cli import main
+
+    cfg = online_config("grpo", tiny_model_dir, prompts_file, tmp_path / "v", generation={"backend": "vllm"})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("posttrain: error: generation.backend: vllm needs"), err
+    assert not (tmp_path / "v").exists()

@@ -329,3 +329,43 @@ def test_example_validates(tmp_path: Path) -> None:
     assert dpo.config.reference.kind == "cached" and dpo.config.reference.model is None
     assert dpo.chained and dpo.config.model == str(tmp_path / "run" / "sft" / "model")
     assert dpo.config.data.train == sft.config.data.train == "bundled:prefs_train.jsonl"
+
+
+def test_sft_reward_ppo_pipeline_on_the_tiny_model(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    """The three RLHF stages in one config: PPO starts from the SFT model (`stage:sft`), is rewarded by the
+    reward stage's model, and its critic starts from that reward model; every output reloads."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.model.value import critic_source
+
+    config = sft_dpo(tiny_model_dir, pairs_file, tmp_path / "rlhf")
+    config["stages"] = [
+        {"name": "sft", "method": "sft", "max_steps": 2},
+        {"name": "rm", "method": "reward", "max_steps": 2},
+        {"name": "ppo", "method": "ppo", "model": "stage:sft", "max_steps": 2, "batch_size": 4, "ppo_epochs": 2,
+         "rewards": [{"name": "reward_model", "path": "stage:rm", "max_length": 64}],
+         "generation": {"max_new_tokens": 4}, "num_generations": 2},
+    ]  # fmt: skip
+    sft, rm, ppo = run_pipeline(config)
+    ppo_config = load(ppo.output_dir / "config.yaml")
+    assert ppo_config.model == str(sft.model_dir)
+    assert critic_source(None, ppo_config.rewards, ppo_config.model) == str(rm.model_dir)
+    steps = [m for m in read_metrics(ppo.metrics_path) if m["split"] == "train"]
+    assert len(steps) == 2 and all("value_loss" in m and "kl_ref" in m for m in steps)
+    assert "reward" in ppo.summary["heldout_before"] and "reward" in ppo.summary["heldout_after"]
+    AutoModelForCausalLM.from_pretrained(ppo.model_dir)
+    assert AutoModelForSequenceClassification.from_pretrained(ppo.output_dir / "critic").config.num_labels == 1
+
+
+def test_stage_references_must_name_an_earlier_stage(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    config = sft_dpo(tiny_model_dir, pairs_file, tmp_path / "x")
+    config["stages"][1]["model"] = "stage:later"
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(1-dpo\): 'stage:later': no earlier stage is named 'later'"):
+        validate(config)
+
+
+def test_rlhf_example_validates(tmp_path: Path) -> None:
+    sft, rm, ppo = validate(EXAMPLE.parent / "smollm2_rlhf.yaml", [f"output_dir={tmp_path / 'run'}"])
+    assert (sft.config.method, rm.config.method, ppo.config.method) == ("sft", "reward", "ppo")
+    assert ppo.config.model == str(tmp_path / "run" / "sft" / "model")
+    assert ppo.config.rewards[0]["path"] == str(tmp_path / "run" / "reward" / "model")

@@ -72,7 +72,10 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch, script: Script | None = None, eng
             self.resets += 1
             return True
 
-        def generate(self, prompts: list[dict[str, list[int]]], params: list[Any], use_tqdm: bool = True) -> list[Any]:
+        def generate(
+            self, prompts: list[dict[str, list[int]]], *, sampling_params: list[Any], use_tqdm: bool
+        ) -> list[Any]:
+            params = sampling_params
             assert isinstance(params, list) and len(params) == len(prompts) and not use_tqdm
             self.requests.append((prompts, params))
             return [self._one(p["prompt_token_ids"], sp) for p, sp in zip(prompts, params, strict=True)]

@@ -2,7 +2,8 @@
 
 :class:`HFGenerator` samples with ``model.generate`` on left-padded batches; :class:`ScriptedGenerator` is a
 deterministic test double that draws from fixed candidate texts, weighted by a model's sequence log-probs
-so that its samples still follow the policy being trained. A vLLM backend would be a third class here.
+so that its samples still follow the policy being trained; :class:`posttrain.rollout.vllm.VLLMGenerator`
+(GPU, imported only when asked for) is the third. :func:`build_generator` picks by ``generation.backend``.
 
 A completion is what the loss trains on: the sampled ids up to and including the first EOS (ids after it are
 padding), or up to the end of the first stop string, or all ``max_new_tokens`` ids (then ``truncated``).
@@ -22,7 +23,9 @@ from torch import nn
 from posttrain.data.collate import pad_completions
 from posttrain.model.logps import completion_logps
 
-__all__ = ["Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGenerator", "cut_completion"]
+__all__ = [
+    "Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGenerator", "build_generator", "cut_completion",
+]  # fmt: skip
 
 # Distribution-changing options that a Hub ``generation_config.json`` may set (Qwen2.5 ships
 # ``repetition_penalty: 1.05``): pinned to neutral values so that samples come from the policy's own
@@ -253,3 +256,16 @@ class ScriptedGenerator:
             completions += [ids[k] for k in picks]
             texts += [options[k] for k in picks]
         return Rollout(completions, texts, [False] * len(completions))
+
+
+def build_generator(backend: str, model: nn.Module, tokenizer: Any, model_path: str, **options: Any) -> Generator:
+    """The generator of ``generation.backend``: ``hf`` (:class:`HFGenerator`) or ``vllm`` (a colocated engine
+    started from ``model_path``, the policy's starting weights, fed the current weights before each rollout)."""
+    if backend == "hf":
+        return HFGenerator(model, tokenizer)
+    if backend == "vllm":
+        from posttrain.model import embedded
+        from posttrain.rollout.vllm import VLLMGenerator
+
+        return VLLMGenerator(model, tokenizer, embedded.resolve(model_path), **options)
+    raise ValueError(f"generation.backend must be hf or vllm, got {backend!r}")

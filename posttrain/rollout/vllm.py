@@ -20,18 +20,29 @@ from torch import nn
 from posttrain.model.lora import is_lora
 from posttrain.rollout.generate import Rollout, SamplingParams, _eos_ids, cut_completion
 
-__all__ = ["VLLMGenerator", "hf_named_weights"]
+__all__ = ["VLLMGenerator", "hf_named_weights", "require_vllm"]
 
 _NO_VLLM = "generation.backend: vllm needs the vllm package (pip install vllm) and a CUDA GPU"
 _NO_CUDA = "generation.backend: vllm needs a CUDA GPU (torch.cuda.is_available() is False)"
 
 
+def require_vllm() -> Any:
+    """The ``vllm`` module, or a one-line ImportError / RuntimeError when it or a CUDA GPU is missing (the
+    loops call this before writing anything, so a run asking for vLLM where it cannot work leaves nothing)."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(_NO_VLLM) from err
+    if not torch.cuda.is_available():
+        raise RuntimeError(_NO_CUDA)
+    return vllm
+
+
 def hf_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` under the HF checkpoint's names, the ones vLLM's ``load_weights`` expects.
 
-    For a PEFT model call it with the adapters merged: peft's prefixes (``base_model.model.``, ``.base_layer``,
-    ``modules_to_save.default.``) are stripped and the adapter tensors themselves (``lora_*``) skipped. Tied weights
-    come once (``named_parameters`` drops duplicates); vLLM ties them again on its side.
+    For a PEFT model (call it with the adapters merged) peft's ``base_model.model.``, ``.base_layer`` and
+    ``modules_to_save.default`` are stripped and the adapter tensors (``lora_*``) skipped. Tied weights come once.
     """
     peft = is_lora(model)
     for name, param in model.named_parameters():
@@ -69,11 +80,11 @@ def _merged(model: nn.Module) -> Iterator[None]:
 class VLLMGenerator:
     """Samples with a colocated ``vllm.LLM``, always from the training module's CURRENT weights.
 
-    ``model_path``: the HF checkpoint (or its tokenizer + config) that the engine is built from; its weights are
-    overwritten by the training module's before every :meth:`generate`, so only its architecture and tokenizer
-    matter. ``dtype`` and ``max_model_len`` go to vLLM as they are (vLLM's ``"auto"`` may pick fp16 for an fp32
-    checkpoint). Completions, texts and ``truncated`` follow :class:`~posttrain.rollout.generate.HFGenerator`:
-    ids up to and including the first EOS, then cut after the first stop string by :func:`cut_completion`.
+    ``model_path``: the HF checkpoint the engine is built from; :meth:`generate` overwrites its weights with the
+    module's first, so only its architecture and tokenizer matter. ``dtype`` and ``max_model_len`` go to vLLM as
+    they are (its ``"auto"`` may pick fp16 for an fp32 checkpoint). Completions, texts and ``truncated`` follow
+    :class:`~posttrain.rollout.generate.HFGenerator`: ids up to and including the first EOS, then cut after the
+    first stop string by :func:`cut_completion`.
     """
 
     def __init__(
@@ -85,12 +96,7 @@ class VLLMGenerator:
         dtype: str = "auto",
         max_model_len: int | None = None,
     ) -> None:
-        try:
-            import vllm
-        except ImportError as err:
-            raise ImportError(_NO_VLLM) from err
-        if not torch.cuda.is_available():
-            raise RuntimeError(_NO_CUDA)
+        vllm = require_vllm()
         self.model, self.tokenizer, self._vllm = model, tokenizer, vllm
         self.eos_ids = _eos_ids(tokenizer, model)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (module doc)
@@ -101,10 +107,7 @@ class VLLMGenerator:
         )  # fmt: skip
 
     def push_weights(self) -> None:
-        """Load the module's current (for PEFT: merged) weights into the engine, then drop its prefix cache.
-
-        The cached keys and values were computed with the old weights, so they must not serve the new ones.
-        """
+        """Load the module's current (PEFT: merged) weights into the engine; drop the prefix cache of the old."""
         with torch.no_grad(), _merged(self.model):
             weights = list(hf_named_weights(self.model))
 
@@ -137,7 +140,7 @@ class VLLMGenerator:
 
         One request per row, each with its own seed drawn from ``random.Random(seed)``: the same ``seed`` gives
         the same per-request seeds (vLLM does not promise bitwise-equal logits across batch shapes, though), and
-        prefix caching makes the ``n`` copies of a prompt cost one prefill.
+        prefix caching lets the ``n`` copies of a prompt reuse its cached prefill.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -147,7 +150,7 @@ class VLLMGenerator:
         rows = [[int(t) for t in p] for p in prompt_ids for _ in range(n)]
         rng = random.Random(seed)
         sampling = [self._sampling_params(params, rng.getrandbits(63)) for _ in rows]
-        outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], sampling, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], sampling_params=sampling, use_tqdm=False)
         if len(outputs) != len(rows):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(rows)} requests")
         eos, completions, truncated = set(self.eos_ids), [], []

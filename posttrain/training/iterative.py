@@ -25,10 +25,10 @@ from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
 from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.rollout.generate import Generator, HFGenerator, SamplingParams
+from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training.offline import RunResult, prepare_output_dir, run
-from posttrain.training.online import heldout_figures, method_rewards
+from posttrain.training.online import default_generator, heldout_figures, method_rewards
 
 
 def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def run_iterative(
     eval_prompts = []
     if config.data.eval:
         eval_prompts = load_prompts(config.data.eval, config.data.split, renderer, config.data.prompt_limit)[0]
-    make_generator = generator_factory or (lambda m, t: HFGenerator(m, t))
+    make_generator = generator_factory or default_generator(config)
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
     gen = config.generation

@@ -37,7 +37,7 @@ from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
-from posttrain.rollout.generate import Generator, HFGenerator, SamplingParams
+from posttrain.rollout.generate import Generator, SamplingParams, build_generator
 from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricsWriter
 from posttrain.training.offline import RunResult, batch_indices, prepare_output_dir
@@ -197,6 +197,21 @@ def method_rewards(config: TrainConfig) -> CombinedReward:
     return load_rewards([*config.rewards, *extra])
 
 
+def default_generator(config: TrainConfig) -> Callable[[nn.Module, Any], Generator]:
+    """``(model, tokenizer) -> Generator`` for the run's ``generation.backend``; called before anything is
+    written, it refuses a vLLM backend that cannot start here with one line."""
+    gen = config.generation
+    if gen.backend == "vllm":
+        from posttrain.rollout.vllm import require_vllm
+
+        try:
+            require_vllm()
+        except (ImportError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
+    options = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization} if gen.backend == "vllm" else {}
+    return lambda model, tokenizer: build_generator(gen.backend, model, tokenizer, config.model, **options)
+
+
 def run_online(
     config: TrainConfig, resume: bool = False, generator_factory: Callable[[nn.Module, Any], Generator] | None = None
 ) -> RunResult:
@@ -208,6 +223,7 @@ def run_online(
         raise ConfigError("--resume: not supported for online methods yet")
     # 1. Prompts and rewards: validated before anything is written.
     reward_fn = method_rewards(config)
+    make_generator = generator_factory or default_generator(config)
     tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
     prompts, stats = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
@@ -238,7 +254,7 @@ def run_online(
             ref_model = load_causal_lm(config.reference.model, trainable=False).to(device)
         else:
             ref_model = freeze(copy.deepcopy(policy))
-    generator = (generator_factory or (lambda m, t: HFGenerator(m, t)))(policy, tokenizer)
+    generator = make_generator(policy, tokenizer)
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
     score = Scorer(config, device)
