@@ -100,9 +100,7 @@ def test_one_epoch_without_an_update_has_ratio_one(tiny_model_dir: Path, prompts
         assert m["epochs"] == 1
 
 
-def test_reward_rises_kl_bounded_and_critic_reloads(
-    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
-) -> None:
+def test_reward_rises_kl_bounded_and_critic_reloads(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
     steps = run(ppo_config(tiny_model_dir, prompts_file, tmp_path / "ppo"))
     rewards = [m["reward"] for m in steps]
     assert rewards[0] < 0.6 and sum(rewards[-4:]) / 4 > rewards[0] + 0.3, rewards
@@ -134,4 +132,3 @@ def test_ppo_config_checks(tiny_model_dir: Path, prompts_file: Path, tmp_path: P
         load(ppo_config(tiny_model_dir, prompts_file, tmp_path / "x", share_trunk=True, critic_model="m"))
     with pytest.raises(ConfigError, match=r"lam: must be in \[0, 1\]"):
         load(ppo_config(tiny_model_dir, prompts_file, tmp_path / "x", lam=1.5))
-
