@@ -155,7 +155,7 @@ def test_train_with_a_bad_config_key_writes_nothing(
     )
     assert train_fails(capsys, good, "--set", "beta=0") == f"{good}: beta: must be > 0, got 0.0"
     assert train_fails(capsys, good, "--set", "gamma=1").endswith(
-        "gamma: not a parameter of method 'dpo' (used by simpo)"
+        "gamma: not a parameter of method 'dpo' (used by simpo, ppo)"
     )
     assert not out_dir.exists()
 

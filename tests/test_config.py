@@ -174,8 +174,9 @@ def test_beta_must_be_positive(method: str, beta: float) -> None:
 
 
 def test_unknown_method_suggests_the_nearest() -> None:
-    message = error(raw(method="dpp"))
-    assert message.startswith("method: unknown method 'dpp' (did you mean 'dpo'?); one of ")
+    # ("dpp" is now one edit from both dpo and ppo; "dpoo" has one nearest name)
+    message = error(raw(method="dpoo"))
+    assert message.startswith("method: unknown method 'dpoo' (did you mean 'dpo'?); one of ")
     assert all(name in message for name in ALGORITHMS)
     assert "did you mean" not in error(raw(method="zzzzzz"))
 
@@ -194,7 +195,7 @@ def test_unknown_key_suggests_the_nearest() -> None:
 
 
 def test_hyperparameter_of_another_method_names_its_owner() -> None:
-    assert error(raw(gamma=0.5)) == "gamma: not a parameter of method 'dpo' (used by simpo)"
+    assert error(raw(gamma=0.5)) == "gamma: not a parameter of method 'dpo' (used by simpo, ppo)"
     assert (
         error(raw(label_smoothing=0.1)) == "label_smoothing: not a parameter of method 'dpo' (used by cdpo, robust_dpo)"
     )
@@ -382,6 +383,8 @@ FULL: dict[str, Any] = {
         "top_p": 0.9,
         "top_k": 5,
         "stop": ["\n\n"],
+        "backend": "vllm",
+        "vllm_gpu_memory_utilization": 0.5,
         "mask_truncated": True,
     },
     "rewards": [{"name": "numeric_answer", "weight": 1.0}],
@@ -453,6 +456,25 @@ HYPERPARAMETERS = {
         "overlong_penalty": 0.5,
     },
     "rloo": {"num_generations": 3, "beta": 0.1},
+    "ppo": {
+        "num_generations": 2,
+        "beta": 0.1,
+        "adaptive_kl": True,
+        "kl_target": 3.0,
+        "kl_gain": 0.2,
+        "gamma": 0.99,
+        "lam": 0.9,
+        "epsilon": 0.1,
+        "value_clip": 0.3,
+        "vf_coef": 0.5,
+        "ppo_epochs": 2,
+        "num_mini_batches": 4,
+        "whiten_advantages": False,
+        "target_kl": 0.05,
+        "critic_model": "runs/rm/model",
+        "share_trunk": False,
+        "critic_learning_rate": 1e-5,
+    },
     "iterative_dpo": {
         "num_generations": 6,
         "beta": 0.2,

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import random
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -296,6 +297,7 @@ def run_online(
 
     if eval_prompts:
         summary["heldout_before"] = evaluate(0)
+    started = time.perf_counter()
 
     # 4. The loop.
     progress = tqdm(total=total, desc=alg.name, dynamic_ncols=True)
@@ -431,5 +433,7 @@ def run_online(
     checkpoint.save_model(final, tokenizer, model_dir)
     if isinstance(critic, (SeparateCritic, SharedCritic)):
         critic.save(output_dir / "critic", tokenizer)
+    summary["train_time_s"] = round(time.perf_counter() - started, 1)
+    summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)
