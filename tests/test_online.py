@@ -171,3 +171,45 @@ def test_vllm_backend_where_it_cannot_run_is_a_one_line_error(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("posttrain: error: generation.backend: vllm needs"), err
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_resume_equals_uninterrupted(
+    method: str, tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill an online run right after its step-2 checkpoint and resume it: the final weights (policy and
+    PPO's critic) and every later step's figures equal a straight run's (sampling seeds follow the step)."""
+    import torch
+
+    from posttrain.training import checkpoint
+
+    extra: dict[str, Any] = {"max_steps": 4, "save_steps": 2, "lr_scheduler": "cosine", "beta": 0.04}
+    extra |= {"num_iterations": 2} if method == "grpo" else {"num_generations": 2, "num_mini_batches": 2}
+    straight = run(online_config(method, tiny_model_dir, prompts_file, tmp_path / "straight", **extra))
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Path:
+        save(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    cfg = online_config(method, tiny_model_dir, prompts_file, tmp_path / "resumed", **extra)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    result = run_online(load(cfg), resume=True,
+                        generator_factory=lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m))  # fmt: skip
+    resumed = [m for m in read_metrics(result.metrics_path) if m["split"] == "train"]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight[2:], resumed[2:], strict=True):
+        assert (a["loss"], a["reward"], a["lr"]) == (b["loss"], b["reward"], b["lr"])
+    from transformers import AutoModelForSequenceClassification
+
+    parts = {
+        "model": AutoModelForCausalLM,
+        **({"critic": AutoModelForSequenceClassification} if method == "ppo" else {}),
+    }
+    for part, auto in parts.items():
+        a_sd = auto.from_pretrained(tmp_path / "straight" / part).state_dict()
+        b_sd = auto.from_pretrained(tmp_path / "resumed" / part).state_dict()
+        assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd), part

@@ -101,6 +101,16 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
 
 
+def resume_point(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None: start afresh); a run without one is refused."""
+    last = checkpoint.latest_checkpoint(output_dir) if resume else None
+    if resume and last is None and (output_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"--resume: {output_dir} holds a run but no checkpoint (set save_steps to make runs resumable)"
+        )
+    return last
+
+
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
     if output_dir.exists() and any(output_dir.iterdir()) and not resume:
         raise ConfigError(
@@ -170,11 +180,7 @@ def run(
     # 2. Output directory, then the policy and its reference (built from the starting weights).
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
-    last = checkpoint.latest_checkpoint(output_dir) if resume else None
-    if resume and last is None and (output_dir / "metrics.jsonl").exists():
-        raise ConfigError(
-            f"--resume: {output_dir} holds a run but no checkpoint (set save_steps to make runs resumable)"
-        )
+    last = resume_point(output_dir, resume)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     policy = task.load_model(config.model).to(device)

@@ -41,7 +41,7 @@ from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rlo
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
 from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricsWriter
-from posttrain.training.offline import RunResult, batch_indices, prepare_output_dir
+from posttrain.training.offline import RunResult, batch_indices, check_resumable, prepare_output_dir, resume_point
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.ppo import critic_values, ppo_figures, ppo_loss, ppo_targets
 
@@ -220,8 +220,6 @@ def run_online(
     (tests pass a deterministic double)."""
     alg = config.algorithm
     assert isinstance(alg, OnlineAlgorithm)
-    if resume:
-        raise ConfigError("--resume: not supported for online methods yet")
     # 1. Prompts and rewards: validated before anything is written.
     reward_fn = method_rewards(config)
     make_generator = generator_factory or default_generator(config)
@@ -240,6 +238,7 @@ def run_online(
     # 2. Output directory, policy, reference (only when beta > 0), generator.
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
+    last = resume_point(output_dir, resume)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,9 +284,35 @@ def run_online(
         critic_sched = build_scheduler(critic_opt, total * passes * minibatches, config.warmup_ratio,
                                        config.lr_scheduler)  # fmt: skip
         steppers.append((critic_opt, critic_sched))
+    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total}
+    kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
+    start = 0
+    if last is not None:  # the trained weights, the optimizers' and schedules' state, the RNG, the step
+        state = checkpoint.load_state(last)
+        check_resumable(state.get("config", {}), config.to_dict())
+        if lora.is_lora(policy):
+            lora.load_adapter_weights(policy, last)
+        else:
+            policy.load_state_dict(load_causal_lm(str(last), trainable=False).state_dict())
+        for (opt, sched), (o, sc) in zip(steppers, state["optimizers"], strict=True):
+            opt.load_state_dict(o)
+            sched.load_state_dict(sc)
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+        checkpoint.restore_rng(state)
+        start, kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
+        tqdm.write(f"resumed from {last} at step {start}")
     (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     writer = MetricsWriter(output_dir / "metrics.jsonl")
-    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total}
+    if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
+        writer.keep_until(start)
+
+    def save(step: int) -> None:
+        extra = {"config": config.to_dict(), "summary": summary, "kl_coef": kl_coef,
+                 "optimizers": [(o.state_dict(), sc.state_dict()) for o, sc in steppers],
+                 "critic": critic.state_dict() if critic is not None else None}  # fmt: skip
+        checkpoint.save_checkpoint(output_dir, step, policy, tokenizer, optimizer, scheduler, extra)
+
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
 
     def evaluate(step: int) -> dict[str, float]:
@@ -295,17 +320,16 @@ def run_online(
         writer.write({"split": "eval", "step": step, **figures})
         return figures
 
-    if eval_prompts:
+    if eval_prompts and not start:
         summary["heldout_before"] = evaluate(0)
     started = time.perf_counter()
 
     # 4. The loop.
-    progress = tqdm(total=total, desc=alg.name, dynamic_ncols=True)
+    progress = tqdm(total=total, initial=start, desc=alg.name, dynamic_ncols=True)
     params_trained = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     shared = isinstance(critic, SharedCritic)
-    kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
-    for step in range(total):
+    for step in range(start, total):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in batch_indices(step, len(prompts), config.batch_size, config.seed)]
         draw_seed = config.seed * 1_000_003 + step
@@ -423,6 +447,8 @@ def run_online(
         writer.write({"split": "train", "step": step + 1, **figures})
         progress.update(1)
         progress.set_postfix(reward=f"{figures['reward']:.3f}", loss=f"{figures['loss']:.4f}")
+        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
+            save(step + 1)
     progress.close()
 
     # 5. Evaluation after training, the final model, the summary.
@@ -433,6 +459,8 @@ def run_online(
     checkpoint.save_model(final, tokenizer, model_dir)
     if isinstance(critic, (SeparateCritic, SharedCritic)):
         critic.save(output_dir / "critic", tokenizer)
+    if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
+        save(total)
     summary["train_time_s"] = round(time.perf_counter() - started, 1)
     summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
