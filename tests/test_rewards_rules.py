@@ -13,7 +13,14 @@ import pytest
 from posttrain.rewards import combine, rules
 from posttrain.rewards.combine import CombinedReward, RewardError, load_reward, load_rewards
 from posttrain.rewards.model import RewardModelScorer
-from posttrain.rewards.rules import LengthPenalty, NumericAnswer, RegexFormat, SoftOverlongPunishment, extract_number
+from posttrain.rewards.rules import (
+    LengthPenalty,
+    NumericAnswer,
+    RegexFormat,
+    SoftOverlongPunishment,
+    TruncationPenalty,
+    extract_number,
+)
 
 
 @pytest.mark.parametrize(
@@ -236,6 +243,7 @@ def test_load_reward_by_builtin_name() -> None:
         "regex_format": ({"pattern": "x", "fullmatch": True}, RegexFormat),
         "length_penalty": ({"target_tokens": 10, "coef": 0.5}, LengthPenalty),
         "overlong": ({"max_length": 100, "cache": 20}, SoftOverlongPunishment),
+        "truncation_penalty": ({"penalty": -0.5}, TruncationPenalty),
     }
     for name, (options, cls) in cases.items():
         loaded = load_reward({"name": name, "weight": 2.0, **options})
@@ -246,8 +254,11 @@ def test_load_reward_by_builtin_name() -> None:
         "regex_format",
         "length_penalty",
         "overlong",
+        "truncation_penalty",
         "reward_model",
     }
+    cut = load_reward({"name": "truncation_penalty", "penalty": -0.5}).fn
+    assert cut(["q", "q"], ["a", "b"], truncated=[True, False]) == [-0.5, 0.0]
 
 
 def test_load_reward_model_by_name(tiny_model_dir: Path, tmp_path: Path) -> None:

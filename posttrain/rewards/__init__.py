@@ -22,6 +22,7 @@ from posttrain.rewards.rules import (
     RegexFormat,
     RewardFn,
     SoftOverlongPunishment,
+    TruncationPenalty,
     extract_number,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "RewardModelScorer",
     "RewardScores",
     "SoftOverlongPunishment",
+    "TruncationPenalty",
     "extract_number",
     "load_reward",
     "load_rewards",

@@ -118,6 +118,7 @@ BUILTIN_REWARDS = {
     "regex_format": "posttrain.rewards.rules:RegexFormat",
     "length_penalty": "posttrain.rewards.rules:LengthPenalty",
     "overlong": "posttrain.rewards.rules:SoftOverlongPunishment",
+    "truncation_penalty": "posttrain.rewards.rules:TruncationPenalty",
     "reward_model": "posttrain.rewards.model:RewardModelScorer",
 }
 

@@ -162,3 +162,21 @@ class SoftOverlongPunishment:
         lengths = _column(columns, "completion_lengths", len(completions), "SoftOverlongPunishment")
         start = self.max_length - self.cache
         return [0.0 if n <= start else (start - n) / self.cache if n <= self.max_length else -1.0 for n in lengths]
+
+
+class TruncationPenalty:
+    """``penalty`` for a completion cut by ``max_new_tokens`` before it finished (no EOS, no stop string), 0
+    otherwise: the "penalise" alternative to masking truncated completions out of the loss
+    (``generation.mask_truncated``), like TRL's ``missing_eos_penalty``. Reads the ``truncated`` column the
+    online loop passes.
+
+    >>> TruncationPenalty(penalty=-1.0)(["q"] * 3, ["a", "b", "c"], truncated=[False, True, False])
+    [0.0, -1.0, 0.0]
+    """
+
+    def __init__(self, penalty: float = -1.0):
+        self.penalty = float(penalty)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
+        cut = _column(columns, "truncated", len(completions), "TruncationPenalty")
+        return [self.penalty if bool(t) else 0.0 for t in cut]

@@ -89,7 +89,8 @@ def run_iterative(
         n = alg.num_generations
         texts = [p.text for p in prompts for _ in range(n)]
         lengths = [len(c) for c in rollout.completion_ids]
-        scores = reward_fn(texts, rollout.texts, completion_lengths=lengths, **repeat_columns(prompts, n))
+        columns = repeat_columns(prompts, n)
+        scores = reward_fn(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated, **columns)
         # 2. Best against worst; ties dropped. Saved as a preference data set (reusable offline).
         # A pair whose texts are empty or decode identically carries no preference the data checks accept.
         pairs = [

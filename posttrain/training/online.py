@@ -96,7 +96,7 @@ def sample(
     texts = [p.text for p in prompts for _ in range(n)]
     columns = repeat_columns(prompts, n)
     lengths = [len(c) for c in rollout.completion_ids]
-    scores = reward_fn.score(texts, rollout.texts, completion_lengths=lengths, **columns)
+    scores = reward_fn.score(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated, **columns)
     rows = [
         (p.prompt_ids, c) for p, c in zip([p for p in prompts for _ in range(n)], rollout.completion_ids, strict=True)
     ]
