@@ -115,6 +115,9 @@ class LoraConfig:
     """``all-linear`` or comma-separated module names (e.g. ``q_proj,v_proj``)."""
     save: LoraSave = "merged"
     """Final model: ``merged`` (a plain HF model) or ``adapter`` (peft adapter files only)."""
+    load_in_4bit: bool = False
+    """QLoRA (Dettmers et al. 2023): the frozen base in 4-bit NF4. Needs a CUDA GPU and ``bitsandbytes``;
+    refused in one line where either is missing (and not wired into the loops yet)."""
 
     def __post_init__(self) -> None:
         check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
@@ -153,6 +156,23 @@ class GenerationConfig:
         check(0 < u < 1, "generation.vllm_gpu_memory_utilization", f"must be in (0, 1), got {u}")
 
 
+Strategy = Literal["ddp", "fsdp2"]
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a ``torchrun`` launch share a run; ignored with one process (docs/distributed.md).
+
+    Every rank takes an equal share of each GLOBAL batch (``batch_size`` must be a multiple of the number of
+    processes) and the gradients are summed, so N processes train what one process would.
+    """
+
+    strategy: Strategy = "ddp"
+    """``ddp``: a full replica of the model per process, gradients all-reduced once per optimizer step.
+    ``fsdp2``: parameters, gradients and optimizer state sharded over the processes (FSDP2
+    ``fully_shard``): about 1/N of the training state each, more communication; offline methods only."""
+
+
 Scheduler = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
 
@@ -170,6 +190,8 @@ class TrainConfig:
     """Train low-rank adapters instead of every weight (needs ``peft``); absent = full fine-tuning."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Online methods: how completions are sampled."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes (torchrun): data parallelism or FSDP2 sharding."""
     rewards: tuple[Any, ...] = ()
     """Online methods: reward specs (a built-in name or ``module:function``, with ``weight`` and options)."""
     max_steps: int | None = None

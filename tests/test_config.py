@@ -376,7 +376,15 @@ FULL: dict[str, Any] = {
         "chat_template": False,
     },
     "reference": {"kind": "cached", "model": "ref/model", "cache_dir": "/tmp/cache"},
-    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": "q_proj,v_proj", "save": "adapter"},
+    "lora": {
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.05,
+        "target_modules": "q_proj,v_proj",
+        "save": "adapter",
+        "load_in_4bit": True,
+    },
+    "distributed": {"strategy": "fsdp2"},
     "generation": {
         "max_new_tokens": 32,
         "temperature": 0.7,
@@ -511,3 +519,13 @@ def test_round_trip_of_defaults() -> None:
     assert from_dict(config.to_dict()) == config
     assert config.to_dict()["reference"] == {"kind": "copy", "model": None, "cache_dir": None}
     assert isinstance(config, TrainConfig)
+
+
+def test_distributed_section() -> None:
+    """`distributed:` defaults to ddp, takes fsdp2, and names the field and the choices otherwise."""
+    assert load(raw()).distributed.strategy == "ddp"
+    assert load(raw(distributed={"strategy": "fsdp2"})).distributed.strategy == "fsdp2"
+    with pytest.raises(ConfigError, match=r"^distributed.strategy: must be one of ddp, fsdp2; got 'zero3'$"):
+        load(raw(distributed={"strategy": "zero3"}))
+    with pytest.raises(ConfigError, match=r"^distributed.stratgy: unknown key \(did you mean 'strategy'\?\)$"):
+        load(raw(distributed={"stratgy": "ddp"}))

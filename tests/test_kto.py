@@ -232,7 +232,7 @@ def test_config_defaults_and_checks(tiny_model_dir: Path, unpaired_file: Path) -
         ({"beta": 0}, "beta: must be > 0, got 0.0"),
         ({"desirable_weight": -1}, "desirable_weight: must be > 0, got -1.0"),
         ({"undesirable_weight": 0}, "undesirable_weight: must be > 0, got 0.0"),
-        ({"gamma": 1.0}, "gamma: not a parameter of method 'kto' (used by simpo)"),
+        ({"gamma": 1.0}, "gamma: not a parameter of method 'kto' (used by simpo, ppo)"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError) as info:

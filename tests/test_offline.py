@@ -228,13 +228,17 @@ def test_resume_without_a_checkpoint_is_refused(tiny_model_dir: Path, pairs_file
         posttrain.train(cfg, resume=True)
 
 
-def test_more_than_one_process_is_refused(
+def test_several_processes_need_torchrun(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """WORLD_SIZE without the rest of torchrun's rendezvous is a one-line error, before anything is written
+    (a launch with torchrun is tested in test_distributed.py)."""
     from posttrain.config import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2: multi-process training is not supported yet"):
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT unset: launch .*torchrun"):
         posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 

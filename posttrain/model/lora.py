@@ -26,6 +26,22 @@ def _peft() -> Any:
     return peft
 
 
+def check_quantization(lora: LoraConfig | None) -> None:
+    """Refuse QLoRA (``lora.load_in_4bit``) in one line, before anything is loaded or written: it needs a
+    CUDA GPU and bitsandbytes, and even with both the 4-bit base is not wired into the loops yet."""
+    if lora is None or not lora.load_in_4bit:
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("lora.load_in_4bit: QLoRA needs a CUDA GPU (and bitsandbytes); this machine has none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install bitsandbytes")
+    raise ConfigError("lora.load_in_4bit: QLoRA is not wired into the training loops yet; use plain LoRA")
+
+
 def is_lora(model: nn.Module) -> bool:
     return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
 

@@ -24,8 +24,29 @@ from posttrain.data.collate import pad_completions
 from posttrain.model.logps import completion_logps
 
 __all__ = [
-    "Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGenerator", "build_generator", "cut_completion",
+    "PROMPT_SEED_STRIDE", "Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGenerator",
+    "build_generator", "cut_completion", "shard_seed",
 ]  # fmt: skip
+
+PROMPT_SEED_STRIDE = 1 << 20
+"""Seeds of consecutive prompts of one call are this far apart (see :func:`shard_seed`): more than any
+step count, so no two prompts of two steps share a seed."""
+
+
+def shard_seed(seed: int, first: int) -> int:
+    """The seed of a call on ``prompts[first:]`` of a batch whose call would be seeded ``seed``.
+
+    A generator that seeds each prompt on its own (prompt ``i`` of a call from ``seed + PROMPT_SEED_STRIDE *
+    i``, as :class:`ScriptedGenerator` does) then draws for each prompt of a shard exactly what the whole
+    batch's call draws for it: data-parallel processes that each sample their share of the prompts
+    together sample what one process would. Batched samplers (HF ``generate``, vLLM) draw from one stream per
+    call: each shard gets a different stream, not the whole batch's numbers. ``first == 0`` keeps ``seed``.
+
+    >>> shard_seed(7, 0), shard_seed(7, 2) - shard_seed(7, 1) == PROMPT_SEED_STRIDE
+    (7, True)
+    """
+    return seed + PROMPT_SEED_STRIDE * first
+
 
 # Distribution-changing options that a Hub ``generation_config.json`` may set (Qwen2.5 ships
 # ``repetition_penalty: 1.05``): pinned to neutral values so that samples come from the policy's own
@@ -243,13 +264,16 @@ class ScriptedGenerator:
         return torch.softmax(logps.sums.double() / self.temperature, dim=0).tolist()
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, params: SamplingParams, seed: int) -> Rollout:
-        """``n`` draws (with replacement) per prompt, prompt-major, from ``random.Random(seed)``."""
+        """``n`` draws (with replacement) per prompt, prompt-major; prompt ``i`` draws from ``random.Random(seed
+        + PROMPT_SEED_STRIDE * i)``, so a shard of the prompts called with :func:`shard_seed` draws what the
+        whole batch draws for them."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        rng = random.Random(seed)  # Python's generator: the same draws on every torch version and device
         completions: list[tuple[int, ...]] = []
         texts: list[str] = []
         for index, prompt in enumerate(prompt_ids):
+            # Python's generator: the same draws on every torch version and device.
+            rng = random.Random(seed + PROMPT_SEED_STRIDE * index)
             options = self._texts(prompt, index)
             ids = [(*self.tokenizer(t, add_special_tokens=False)["input_ids"], self.eos_id) for t in options]
             picks = rng.choices(range(len(options)), weights=self.probabilities(prompt, ids), k=n)

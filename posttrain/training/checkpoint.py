@@ -6,6 +6,9 @@ Layout of ``output_dir``::
     checkpoints/step-000020/    a model + tokenizer, and trainer_state.pt (optimizer, scheduler, RNG, step)
     metrics.jsonl  config.yaml  summary.json
 
+The layout does not depend on the number of processes: the first process writes full (unsharded) models
+and optimizer state, so a run saved by N processes resumes on M (docs/distributed.md).
+
 Every directory is written under a temporary name and renamed when complete, so a run killed mid-save
 never leaves a checkpoint that ``--resume`` would pick up half written.
 """
@@ -54,18 +57,21 @@ def save_checkpoint(
     step: int,
     model: Any,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     extra: dict[str, Any],
 ) -> Path:
-    """Model, tokenizer and the full training state after ``step`` optimizer steps."""
+    """Model, tokenizer and the full training state after ``step`` optimizer steps.
+
+    ``optimizer_state``: the FULL state in torch's layout (:func:`posttrain.distributed.optimizer_state`),
+    whatever the number of processes that trained: any number can resume it. Written by one process."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),

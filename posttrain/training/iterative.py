@@ -20,12 +20,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from posttrain import distributed
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
 from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.rollout.generate import Generator, SamplingParams
+from posttrain.rollout.generate import Generator, Rollout, SamplingParams, shard_seed
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training.offline import RunResult, prepare_output_dir, run
 from posttrain.training.online import default_generator, heldout_figures, method_rewards
@@ -56,6 +57,28 @@ def round_prompts(prompts: list[PromptRecord], k: int | None, seed: int, round_n
     return [prompts[i] for i in sorted(torch.randperm(len(prompts), generator=g)[:k].tolist())]
 
 
+def sample_and_score(
+    generator: Generator, reward_fn: Any, prompts: list[PromptRecord], n: int, params: SamplingParams, seed: int
+) -> tuple[Rollout, list[float]]:
+    """``n`` samples per prompt and their rewards: each process samples and scores its share of the prompts
+    (seeded with :func:`shard_seed`), the shares gathered in prompt order."""
+    mine = distributed.shard(len(prompts))
+    local: tuple[Rollout, list[float]] | None = None
+    if mine.stop > mine.start:
+        share = prompts[mine]
+        rollout = generator.generate([p.prompt_ids for p in share], n, params, shard_seed(seed, mine.start))
+        texts = [p.text for p in share for _ in range(n)]
+        lengths = [len(c) for c in rollout.completion_ids]
+        columns = repeat_columns(share, n)
+        local = rollout, reward_fn(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated,
+                                   **columns)  # fmt: skip
+    parts = [p for p in distributed.all_gather_objects(local) if p is not None]
+    return Rollout(
+        [c for r, _ in parts for c in r.completion_ids], [t for r, _ in parts for t in r.texts],
+        [t for r, _ in parts for t in r.truncated],
+    ), [x for _, sc in parts for x in sc]  # fmt: skip
+
+
 def run_iterative(
     config: TrainConfig, resume: bool = False, generator_factory: Callable[[nn.Module, Any], Generator] | None = None
 ) -> RunResult:
@@ -73,24 +96,22 @@ def run_iterative(
     make_generator = generator_factory or default_generator(config)
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
+    distributed.barrier()  # every process has looked at output_dir before the first one writes to it
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model, rounds, result = config.model, [], None
+    log = tqdm.write if distributed.is_main() else lambda _: None
     for r in range(1, alg.rounds + 1):
         # 1. Sample N answers per prompt from the current model and score them.
         prompts = round_prompts(all_prompts, alg.prompts_per_round, config.seed, r)
         policy = load_causal_lm(model, trainable=False).to(device)
         generator = make_generator(policy, tokenizer)
         heldout = heldout_figures(generator, reward_fn, eval_prompts, config, pad_id) if eval_prompts else {}
-        rollout = generator.generate([p.prompt_ids for p in prompts], alg.num_generations, params, config.seed + r)
-        del generator, policy
         n = alg.num_generations
-        texts = [p.text for p in prompts for _ in range(n)]
-        lengths = [len(c) for c in rollout.completion_ids]
-        columns = repeat_columns(prompts, n)
-        scores = reward_fn(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated, **columns)
+        rollout, scores = sample_and_score(generator, reward_fn, prompts, n, params, config.seed + r)
+        del generator, policy
         # 2. Best against worst; ties dropped. Saved as a preference data set (reusable offline).
         # A pair whose texts are empty or decode identically carries no preference the data checks accept.
         pairs = [
@@ -99,34 +120,39 @@ def run_iterative(
             and rollout.texts[p.chosen] != rollout.texts[p.rejected]
         ]  # fmt: skip
         round_dir = output_dir / f"round-{r}"
-        round_dir.mkdir(parents=True)
         pairs_file = round_dir / "pairs.jsonl"
-        with pairs_file.open("w", encoding="utf-8") as f:
-            for pair in pairs:
-                row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": rollout.texts[pair.chosen],
-                       "rejected": rollout.texts[pair.rejected], "score_chosen": scores[pair.chosen],
-                       "score_rejected": scores[pair.rejected]}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
+        if distributed.is_main():  # every process holds the same pairs: the first one writes them
+            round_dir.mkdir(parents=True)
+            with pairs_file.open("w", encoding="utf-8") as f:
+                for pair in pairs:
+                    row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": rollout.texts[pair.chosen],
+                           "rejected": rollout.texts[pair.rejected], "score_chosen": scores[pair.chosen],
+                           "score_rejected": scores[pair.rejected]}  # fmt: skip
+                    f.write(json.dumps(row) + "\n")
+        distributed.barrier()
         reward_mean = sum(scores) / len(scores)
         info: dict[str, Any] = {"round": r, "pairs": len(pairs), "prompts": len(prompts), "reward_mean": reward_mean}
         if heldout:
             info["heldout_at_start"] = heldout
-        tqdm.write(f"round {r}: mean reward {reward_mean:.3f}, {len(pairs)} pairs from {len(prompts)} prompts")
+        log(f"round {r}: mean reward {reward_mean:.3f}, {len(pairs)} pairs from {len(prompts)} prompts")
         rounds.append(info)
         if len(pairs) < config.batch_size:
-            tqdm.write(f"round {r}: fewer pairs than batch_size ({config.batch_size}); stopping")
+            log(f"round {r}: fewer pairs than batch_size ({config.batch_size}); stopping")
             break
         # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would.
         result = run(round_config(config, pairs_file, model, round_dir / "train"))
         model = str(result.model_dir)
     if result is None:
         raise ConfigError("iterative_dpo: no round produced enough pairs to train; raise num_generations or rounds")
-    shutil.copytree(result.model_dir, output_dir / "model")
+    if distributed.is_main():
+        shutil.copytree(result.model_dir, output_dir / "model")
+    distributed.barrier()
     summary: dict[str, Any] = {"method": alg.name, "model": config.model, "rounds": rounds}
     if eval_prompts:  # greedy answers to the held-out prompts, before the first round and after the last
         summary["heldout_before"] = rounds[0]["heldout_at_start"]
         final = load_causal_lm(str(output_dir / "model"), trainable=False).to(device)
         summary["heldout_after"] = heldout_figures(make_generator(final, tokenizer), reward_fn, eval_prompts,
                                                    config, pad_id)  # fmt: skip
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_main():
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, output_dir / "model", result.metrics_path, result.steps, summary)

@@ -31,11 +31,23 @@ class MetricSums:
 
     def mean(self, counts: Any) -> dict[str, float]:
         """``counts`` has ``of(unit) -> int`` (a :class:`~posttrain.training.task.Counts`)."""
-        names = sorted(self._pending)
+        per = self._per
+        if distributed.is_initialized():  # a process whose share added nothing still sums the same names
+            per = {k: v for shown in distributed.all_gather_objects(self._per) for k, v in shown.items()}
+        names = sorted(per)
         if not names:
             return {}
-        stacked = distributed.all_reduce_sum(torch.stack([self._pending[n] for n in names]))
-        return {n: float(v) / max(1, counts.of(self._per[n])) for n, v in zip(names, stacked.tolist(), strict=True)}
+        zero = torch.zeros((), dtype=torch.float64, device=distributed.device())
+        stacked = distributed.all_reduce_sum(torch.stack([self._pending.get(n, zero).to(zero.device) for n in names]))
+        return {n: float(v) / max(1, counts.of(per[n])) for n, v in zip(names, stacked.tolist(), strict=True)}
+
+
+def summed(values: dict[str, float]) -> dict[str, float]:
+    """Per-step sums kept as Python floats, added over the processes (a name some process lacks counts 0)."""
+    if not distributed.is_initialized():
+        return dict(values)
+    names = sorted({k for shown in distributed.all_gather_objects(sorted(values)) for k in shown})
+    return dict(zip(names, distributed.sum_floats([values.get(n, 0.0) for n in names]), strict=True))
 
 
 class MetricsWriter:

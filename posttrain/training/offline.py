@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -83,12 +82,18 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
 
 
-# Keys that may change between a run and its resumption: they decide only when to log, evaluate and save.
-RESUME_MAY_CHANGE = frozenset({"eval_steps", "save_steps", "logging_steps"})
+# Keys that may change between a run and its resumption: they decide only when to log, evaluate and save, and
+# how many processes share the work (checkpoints hold full, unsharded state: N processes resume on M).
+RESUME_MAY_CHANGE = frozenset({"eval_steps", "save_steps", "logging_steps", "distributed"})
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resumed run must be the run that was saved: same method, data, schedule (max_steps included), seed."""
+    """A resumed run must be the run that was saved: same method, data, schedule (max_steps included), seed.
+
+    The saved config is read back first, so keys added to the config since it was written compare at their
+    defaults instead of as changes."""
+    if saved:
+        saved = load(saved).to_dict()
     changed = [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
@@ -126,26 +131,46 @@ def evaluate(
     micro_batch_size: int,
     at_start: bool = False,
 ) -> dict[str, float]:
-    """The task's loss and metrics over a whole eval split, with the same reduction as training."""
+    """The task's loss and metrics over a whole eval split, with the same reduction as training; each process
+    scores its share of the records and the sums are added over the processes.
+
+    FSDP2 gathers weights in every forward, so its processes must run as many forwards each: the records
+    are cut to a multiple of the number of processes (at most ``processes - 1`` left out)."""
+    if distributed.is_sharded(model):
+        records = records[: len(records) - len(records) % distributed.world_size()]
     counts = task.counts(records)
+    mine = records[distributed.shard(len(records))]
     sums = MetricSums()
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        context = task.step_context(model, records, "eval")
-        for start in range(0, len(records), micro_batch_size):
-            batch = task.collate(records[start : start + micro_batch_size])
+        context = task.step_context(model, mine, "eval")
+        for start in range(0, len(mine), micro_batch_size):
+            batch = task.collate(mine[start : start + micro_batch_size])
             task.loss(model, batch, "eval", counts, sums, context, at_start=at_start)
     model.train(was_training)
     return task.finish_figures(sums.mean(counts))
 
 
-def refuse_multiple_processes() -> None:
-    """Data-parallel training (torchrun) is not wired into the loop yet: fail loudly rather than let every
-    process train the whole batch and write the same output_dir."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"WORLD_SIZE={world}: multi-process training is not supported yet; run one process")
+def check_processes(config: TrainConfig) -> None:
+    """What a torchrun launch of several processes needs from the config, checked before anything is
+    written: every process takes an equal share of each global batch."""
+    world = distributed.world_size()
+    if world > 1 and config.batch_size % world:
+        raise ConfigError(
+            f"batch_size: {config.batch_size} is not a multiple of the {world} processes; each process takes an "
+            "equal share of every global batch"
+        )
+
+
+def load_policy(task: OfflineTask[Any, Any], config: TrainConfig, device: torch.device) -> nn.Module:
+    """The policy at its starting weights (with fresh LoRA adapters when configured), on ``device``."""
+    policy = task.load_model(config.model).to(device)
+    if config.lora is not None:  # only the adapters train; the base doubles as the reference
+        policy = lora.apply_lora(policy, config.lora, task.lora_task_type)
+        if config.gradient_checkpointing:
+            policy.enable_input_require_grads()  # type: ignore[operator]
+    return policy
 
 
 def run(
@@ -154,7 +179,9 @@ def run(
     """Train one offline method end to end; what ``posttrain train`` runs."""
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
-    refuse_multiple_processes()
+    lora.check_quantization(config.lora)
+    distributed.setup()  # torchrun: join the other processes (nothing with one)
+    check_processes(config)
     if isinstance(config.algorithm, IterativeDPO):  # rounds of sampling, each trained by this loop
         from posttrain.training.iterative import run_iterative
 
@@ -163,15 +190,17 @@ def run(
         from posttrain.training.online import run_online
 
         return run_online(config, resume=resume)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(config.model)
+    device = distributed.device()
+    log = tqdm.write if distributed.is_main() else lambda _: None
+    with distributed.main_first():  # an embedded model is converted once, by the first process
+        tokenizer = load_tokenizer(config.model)
     task = task_for(config, tokenizer, device)
     records, stats = task.load_records(config.data.train, config.data.split)
-    tqdm.write(f"train data: {stats.summary()}")
+    log(f"train data: {stats.summary()}")
     eval_records: list[Any] = []
     if config.data.eval:
         eval_records, eval_stats = task.load_records(config.data.eval, config.data.split)
-        tqdm.write(f"eval data: {eval_stats.summary()}")
+        log(f"eval data: {eval_stats.summary()}")
     elif config.data.eval_size:
         records, eval_records = split_eval(records, config.data.eval_size, config.seed)
     if len(records) < config.batch_size:
@@ -181,19 +210,18 @@ def run(
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
     last = resume_point(output_dir, resume)
+    distributed.barrier()  # every process has looked at output_dir before the first one writes to it
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    policy = task.load_model(config.model).to(device)
-    if config.lora is not None:  # only the adapters train; the base doubles as the reference
-        policy = lora.apply_lora(policy, config.lora, task.lora_task_type)
-        if config.gradient_checkpointing:
-            policy.enable_input_require_grads()  # type: ignore[operator]
+    policy = load_policy(task, config, device)
     splits = {"train": records, **({"eval": eval_records} if eval_records else {})}
     task.prepare_references(policy, splits, resumed=last is not None)
     if last is not None and lora.is_lora(policy):  # now load the trained weights
         lora.load_adapter_weights(policy, last)
     elif last is not None:
         policy.load_state_dict(task.load_model(str(last)).state_dict())
+    # Several processes: a replica per process (ddp) or shards of it (fsdp2); after the reference copy.
+    policy = distributed.prepare(policy, config.distributed.strategy)
 
     # 3. Optimizer and schedule; a resumed run restores them with the RNG and the step.
     per_epoch = len(records) // config.batch_size
@@ -204,11 +232,11 @@ def run(
     if last is not None:
         state = checkpoint.load_state(last)
         check_resumable(state.get("config", {}), config.to_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state)
         start = int(state["step"])
-        tqdm.write(f"resumed from {last} at step {start}")
+        log(f"resumed from {last} at step {start}")
     if distributed.is_main():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     writer = MetricsWriter(output_dir / "metrics.jsonl")
@@ -216,6 +244,21 @@ def run(
         writer.keep_until(start)
     resumable = {"config": config.to_dict()}
     micro = config.micro_batch_size or config.batch_size
+
+    def save(step: int, model_dir: Path | None = None) -> None:
+        """The checkpoint of ``step`` (and the final model into ``model_dir``): full, unsharded state, so
+        any number of processes can resume it. Every process takes part (gathering shards is collective);
+        the first one writes."""
+        plain = distributed.unsharded(policy, lambda: load_policy(task, config, torch.device("cpu")))
+        opt_state = distributed.optimizer_state(policy, optimizer) if config.save_steps else {}
+        if plain is not None and distributed.is_main():
+            if model_dir is not None:
+                checkpoint.save_model(lora.for_saving(plain, config.lora.save) if config.lora else plain,
+                                      tokenizer, model_dir)  # fmt: skip
+            if config.save_steps:
+                checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable)
+        distributed.barrier()
+
     summary: dict[str, Any] = {"method": config.method, "model": config.model, "steps": total}
 
     def run_eval(step: int, at_start: bool = False) -> dict[str, float]:
@@ -237,18 +280,21 @@ def run(
         t0 = time.perf_counter()
         step_records = [records[i] for i in batch_indices(step, len(records), config.batch_size, config.seed)]
         counts = task.counts(step_records)  # global: the loss of each micro-batch is divided by these
-        context = task.step_context(policy, step_records, "train")
+        mine = step_records[distributed.shard(len(step_records))]  # this process's share of the global batch
+        context = task.step_context(policy, mine, "train")  # summed over the processes inside
         sums = MetricSums()
         tokens = 0
-        for mb_start in range(0, len(step_records), micro):
-            batch = task.collate(step_records[mb_start : mb_start + micro])
+        for mb_start in range(0, len(mine), micro):
+            batch = task.collate(mine[mb_start : mb_start + micro])
             tokens += int(batch.attention_mask.sum())
             task.loss(policy, batch, "train", counts, sums, context).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        distributed.reduce_gradients(params)  # the processes' shares summed: the whole batch's gradient
+        grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm or math.inf)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        tokens = int(distributed.sum_floats([tokens])[0])
         elapsed = time.perf_counter() - t0
         figures = task.finish_figures(sums.mean(counts))
         progress.update(1)
@@ -262,19 +308,16 @@ def run(
                           "step_time_s": elapsed})  # fmt: skip
         if eval_records and config.eval_steps and (step + 1) % config.eval_steps == 0 and step + 1 < total:
             run_eval(step + 1)
-        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total and distributed.is_main():
-            checkpoint.save_checkpoint(output_dir, step + 1, policy, tokenizer, optimizer, scheduler, resumable)
+        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
+            save(step + 1)
     progress.close()
 
-    # 6. Evaluation after training, the final model, the summary.
+    # 6. Evaluation after training, the final model (and with save_steps the end state too: resuming a
+    # finished run is a no-op, not a retrain), the summary.
     if eval_records:
         summary["heldout_after"] = run_eval(total)
     model_dir = output_dir / "model"
+    save(total, model_dir)
     if distributed.is_main():
-        checkpoint.save_model(
-            lora.for_saving(policy, config.lora.save) if config.lora else policy, tokenizer, model_dir
-        )
-        if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
-            checkpoint.save_checkpoint(output_dir, total, policy, tokenizer, optimizer, scheduler, resumable)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)

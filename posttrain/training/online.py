@@ -16,7 +16,6 @@ import random
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,128 +24,41 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from posttrain import distributed
 from posttrain.algorithms.online import GRPO, PPO, RLOO, OnlineAlgorithm
 from posttrain.config import ConfigError, TrainConfig
-from posttrain.data.collate import pad_completions
-from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
+from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import Renderer
 from posttrain.losses import aggregate
 from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_clip, rloo_loss
 from posttrain.model import lora
-from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm, load_tokenizer
-from posttrain.model.logps import TokenLogps, completion_logps
+from posttrain.model.load import evaluation_mode, freeze, load_causal_lm, load_tokenizer
+from posttrain.model.logps import TokenLogps
 from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
 from posttrain.training import checkpoint
-from posttrain.training.metrics import MetricsWriter
-from posttrain.training.offline import RunResult, batch_indices, check_resumable, prepare_output_dir, resume_point
+from posttrain.training.metrics import MetricsWriter, summed
+from posttrain.training.offline import (
+    RunResult,
+    batch_indices,
+    check_processes,
+    check_resumable,
+    prepare_output_dir,
+    resume_point,
+)
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.ppo import critic_values, ppo_figures, ppo_loss, ppo_targets
-
-
-@dataclass(frozen=True)
-class Samples:
-    """One step's rollout laid out for scoring: (N, T) tensors, N = prompts x num_generations."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    loss_mask: Tensor
-    rewards: Tensor  # (N,) the weighted total
-    per_reward: dict[str, Tensor]
-    lengths: Tensor  # (N,) completion tokens
-    truncated: Tensor  # (N,) bool
-
-    def rows(self, rows: slice | Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """``(input_ids, attention_mask, loss_mask)`` of some rows, on ``device``."""
-        return tuple(t[rows].to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask))  # type: ignore[return-value]
-
-
-class Scorer:
-    """Log-probs of samples under a model, at the sampling temperature and the run's precision."""
-
-    def __init__(self, config: TrainConfig, device: torch.device, temperature: float | None = None) -> None:
-        self.config = config
-        self.device = device
-        self.temperature = config.generation.temperature if temperature is None else temperature
-
-    def __call__(
-        self, model: nn.Module, s: Samples, rows: slice | Tensor, entropy: bool = False, hidden: bool = False
-    ) -> TokenLogps:
-        with autocast(self.config.precision, self.device):
-            return completion_logps(
-                model, *s.rows(rows, self.device), temperature=self.temperature,
-                chunk_size=self.config.logps_chunk_size, with_entropy=entropy, with_hidden=hidden,
-            )  # fmt: skip
-
-
-def sample(
-    generator: Generator,
-    reward_fn: CombinedReward,
-    prompts: list[PromptRecord],
-    n: int,
-    params: SamplingParams,
-    seed: int,
-    pad_id: int,
-    mask_truncated: bool,
-) -> Samples:
-    """Steps 1-2: n completions per prompt from the current policy, scored by the rewards."""
-    rollout = generator.generate([p.prompt_ids for p in prompts], n, params, seed)
-    texts = [p.text for p in prompts for _ in range(n)]
-    columns = repeat_columns(prompts, n)
-    lengths = [len(c) for c in rollout.completion_ids]
-    scores = reward_fn.score(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated, **columns)
-    rows = [
-        (p.prompt_ids, c) for p, c in zip([p for p in prompts for _ in range(n)], rollout.completion_ids, strict=True)
-    ]
-    input_ids, attention_mask, loss_mask = pad_completions(rows, pad_id)
-    truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
-    if mask_truncated:  # DAPO's overlong filtering: an unfinished answer teaches nothing either way
-        loss_mask = loss_mask & ~truncated[:, None]
-    return Samples(
-        input_ids, attention_mask, loss_mask, torch.tensor(scores.total, dtype=torch.float64),
-        {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.per_reward.items()},
-        torch.tensor(lengths, dtype=torch.float64), truncated,
-    )  # fmt: skip
-
-
-def select_groups(s: Samples, groups: Tensor, n: int) -> Samples:
-    """The samples of the groups (prompts) where ``groups`` (P,) is True."""
-    rows = groups.repeat_interleave(n)
-    return Samples(
-        s.input_ids[rows], s.attention_mask[rows], s.loss_mask[rows], s.rewards[rows],
-        {k: v[rows] for k, v in s.per_reward.items()}, s.lengths[rows], s.truncated[rows],
-    )  # fmt: skip
-
-
-def concat_samples(a: Samples, b: Samples, pad_id: int) -> Samples:
-    """Two sample sets as one, right-padded to the wider of the two."""
-    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
-
-    def pad(x: Tensor, value: int | bool) -> Tensor:
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    return Samples(
-        torch.cat([pad(a.input_ids, pad_id), pad(b.input_ids, pad_id)]),
-        torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
-        torch.cat([pad(a.loss_mask, False), pad(b.loss_mask, False)]),
-        torch.cat([a.rewards, b.rewards]),
-        {k: torch.cat([a.per_reward[k], b.per_reward[k]]) for k in a.per_reward},
-        torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]),
-    )  # fmt: skip
-
-
-def heldout_figures(
-    generator: Generator, reward_fn: CombinedReward, prompts: list[PromptRecord], config: TrainConfig, pad_id: int
-) -> dict[str, float]:
-    """Greedy answers to held-out prompts: mean reward (the accuracy, under a 0/1 verifier), per reward, and
-    the mean completion length."""
-    gen = config.generation
-    greedy = SamplingParams(gen.max_new_tokens, 0.0, 1.0, 0, gen.stop)
-    s = sample(generator, reward_fn, prompts, 1, greedy, config.seed, pad_id, False)
-    return {"reward": float(s.rewards.mean()), "completion_length": float(s.lengths.mean()),
-            **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()}}  # fmt: skip
+from posttrain.training.rollouts import (  # noqa: F401 - sample: posttrain.evaluate imports it from here
+    Scorer,
+    concat_samples,
+    gathered,
+    heldout_figures,
+    sample,
+    sample_all,
+    select_groups,
+)
 
 
 def grpo_loss(
@@ -221,12 +133,22 @@ def run_online(
     alg = config.algorithm
     assert isinstance(alg, OnlineAlgorithm)
     # 1. Prompts and rewards: validated before anything is written.
+    lora.check_quantization(config.lora)
+    distributed.setup()  # torchrun: join the other processes (nothing with one)
+    check_processes(config)
+    if distributed.world_size() > 1 and config.distributed.strategy != "ddp":
+        raise ConfigError(
+            f"distributed.strategy: {config.distributed.strategy} is for the offline methods; {alg.name} samples "
+            "with the policy on every process, which needs a replica each: use ddp"
+        )
     reward_fn = method_rewards(config)
     make_generator = generator_factory or default_generator(config)
-    tokenizer = load_tokenizer(config.model)
+    with distributed.main_first():  # an embedded model is converted once, by the first process
+        tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
     prompts, stats = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
-    tqdm.write(f"train prompts: {stats.summary()}")
+    log = tqdm.write if distributed.is_main() else lambda _: None
+    log(f"train prompts: {stats.summary()}")
     if len(prompts) < config.batch_size:
         raise ConfigError(f"batch_size: {config.batch_size} is larger than the {len(prompts)} training prompts")
     eval_prompts = (
@@ -239,9 +161,10 @@ def run_online(
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)
     last = resume_point(output_dir, resume)
+    distributed.barrier()  # every process has looked at output_dir before the first one writes to it
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.device()
     policy = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing).to(device)
     if config.lora is not None:
         policy = lora.apply_lora(policy, config.lora)
@@ -301,17 +224,24 @@ def run_online(
             critic.load_state_dict(state["critic"])
         checkpoint.restore_rng(state)
         start, kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
-        tqdm.write(f"resumed from {last} at step {start}")
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        log(f"resumed from {last} at step {start}")
+    # Several processes: a replica of each trained model per process, rank 0's weights broadcast.
+    policy = distributed.prepare(policy, config.distributed.strategy)
+    if critic is not None:
+        critic = distributed.prepare(critic, config.distributed.strategy)
+    if distributed.is_main():
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     writer = MetricsWriter(output_dir / "metrics.jsonl")
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
 
-    def save(step: int) -> None:
+    def save(step: int) -> None:  # replicas are equal: the first process writes, the others wait for it
         extra = {"config": config.to_dict(), "summary": summary, "kl_coef": kl_coef,
                  "optimizers": [(o.state_dict(), sc.state_dict()) for o, sc in steppers],
                  "critic": critic.state_dict() if critic is not None else None}  # fmt: skip
-        checkpoint.save_checkpoint(output_dir, step, policy, tokenizer, optimizer, scheduler, extra)
+        if distributed.is_main():
+            checkpoint.save_checkpoint(output_dir, step, policy, tokenizer, optimizer.state_dict(), scheduler, extra)
+        distributed.barrier()
 
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
 
@@ -325,7 +255,7 @@ def run_online(
     started = time.perf_counter()
 
     # 4. The loop.
-    progress = tqdm(total=total, initial=start, desc=alg.name, dynamic_ncols=True)
+    progress = tqdm(total=total, initial=start, desc=alg.name, dynamic_ncols=True, disable=not distributed.is_main())
     params_trained = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     shared = isinstance(critic, SharedCritic)
@@ -333,7 +263,8 @@ def run_online(
         t0 = time.perf_counter()
         batch = [prompts[i] for i in batch_indices(step, len(prompts), config.batch_size, config.seed)]
         draw_seed = config.seed * 1_000_003 + step
-        s = sample(generator, reward_fn, batch, n, params, draw_seed, tokenizer.pad_token_id, mask_truncated)
+        # Each process samples its share of the prompts (whole groups); all of them get the whole rollout.
+        s = sample_all(generator, reward_fn, batch, n, params, draw_seed, tokenizer.pad_token_id, mask_truncated)
         tied_share = float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
         resampled = 0
         if isinstance(alg, GRPO) and alg.dynamic_sampling:
@@ -344,8 +275,8 @@ def run_online(
                 resampled += 1
                 g = torch.Generator().manual_seed(draw_seed * 31 + resampled)
                 extra = [prompts[i] for i in torch.randperm(len(prompts), generator=g)[: config.batch_size].tolist()]
-                more = sample(generator, reward_fn, extra, n, params, draw_seed + 7919 * resampled,
-                              tokenizer.pad_token_id, mask_truncated)  # fmt: skip
+                more = sample_all(generator, reward_fn, extra, n, params, draw_seed + 7919 * resampled,
+                                  tokenizer.pad_token_id, mask_truncated)  # fmt: skip
                 kept = concat_samples(
                     kept, select_groups(more, ~tied_groups(more.rewards, n), n), tokenizer.pad_token_id
                 )
@@ -353,15 +284,18 @@ def run_online(
                 s = select_groups(kept, torch.arange(len(kept.rewards) // n) < config.batch_size, n)
         everything = torch.arange(len(s.rewards))
         with torch.no_grad():  # reference and old-policy log-probs (and old values) before any update
+            # Each process scores its share of the rows; the shares are gathered, so that advantages, KL
+            # penalties and PPO's whitening are computed over the whole rollout, as with one process.
             ref = old = old_values = None
+            mine = everything[distributed.shard(len(everything))]
             if ref_model is not None:
                 with evaluation_mode(ref_model), ref_context():
-                    ref = torch.cat([score(ref_model, s, r).logps for r in everything.split(micro)])
+                    ref = gathered([score(ref_model, s, r).logps for r in mine.split(micro)], s)
             if passes > 1 or isinstance(alg, PPO) or (isinstance(alg, RLOO) and ref is not None):
-                outs = [(r, score(policy, s, r, hidden=shared)) for r in everything.split(micro)]
-                old = torch.cat([o.logps for _, o in outs])
+                outs = [(r, score(policy, s, r, hidden=shared)) for r in mine.split(micro)]
+                old = gathered([o.logps for _, o in outs], s)
                 if critic is not None:
-                    old_values = torch.cat([critic_values(critic, *s.rows(r, device), o) for r, o in outs])
+                    old_values = gathered([critic_values(critic, *s.rows(r, device), o) for r, o in outs], s)
                 del outs
         targets = None
         if isinstance(alg, RLOO):
@@ -377,14 +311,17 @@ def run_online(
             advantages = group_advantages(s.rewards, n, scale=alg.scale_rewards)
         sums: dict[str, float] = {}
         done = 0
-        for _ in range(passes):
-            approx_kl, pass_tokens = 0.0, 0
+        for k in range(passes):
+            approx_kl, pass_tokens = 0.0, 0.0
             # PPO shuffles the rollout into minibatches, one optimizer step each; the others take it whole.
-            order = torch.randperm(len(s.rewards)) if minibatches > 1 else everything
+            # The shuffle has a generator of its own, seeded by (step, pass): every process draws the same
+            # one, whatever the forwards before it consumed of the global RNG (dropout).
+            shuffle = torch.Generator().manual_seed(draw_seed * 1009 + k)
+            order = torch.randperm(len(s.rewards), generator=shuffle) if minibatches > 1 else everything
             for mb in order.tensor_split(minibatches):
-                mb_mask = s.loss_mask[mb]
+                mb_mask = s.loss_mask[mb]  # counts of the whole minibatch: each process trains on its share
                 counts = {"tokens": int(mb_mask.sum()), "sequences": int((mb_mask.sum(-1) > 0).sum())}
-                for r in mb.split(micro):
+                for r in mb[distributed.shard(len(mb))].split(micro):
                     first = "entropy_sum" not in sums
                     cur = score(policy, s, r, entropy=first, hidden=shared)
                     if isinstance(alg, PPO):
@@ -403,21 +340,24 @@ def run_online(
                     for name, value in metrics.items():
                         sums[name] = sums.get(name, 0.0) + float(value.sum())
                     approx_kl += float(metrics["approx_kl_sum"].sum()) if "approx_kl_sum" in metrics else 0.0
-                    pass_tokens += int(cur.mask.sum())
+                    pass_tokens += float(cur.mask.sum())
                     if cur.entropy is not None and first:
                         sums["entropy_sum"] = float((cur.entropy.detach() * cur.mask).sum())
                         sums["entropy_tokens"] = float(cur.mask.sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params_trained, config.max_grad_norm or math.inf)
+                distributed.reduce_gradients(params_trained + critic_params)  # the shares summed
+                grad_norm = distributed.clip_grad_norm(params_trained, config.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
                 if critic_params:
-                    torch.nn.utils.clip_grad_norm_(critic_params, config.max_grad_norm or math.inf)
+                    distributed.clip_grad_norm(critic_params, config.max_grad_norm or math.inf)
                 for opt, sched in steppers:
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
             done += 1
+            approx_kl, pass_tokens = distributed.sum_floats([approx_kl, pass_tokens])  # every process decides alike
             if isinstance(alg, PPO) and alg.target_kl is not None and approx_kl / max(1, pass_tokens) > alg.target_kl:
                 break  # the policy has moved far enough from the one that sampled: stop this rollout's epochs
+        sums = summed(sums)  # over the processes' shares
         for name in list(sums):  # per pass, as one pass over the rollout would report
             if name not in ("entropy_sum", "entropy_tokens"):
                 sums[name] /= done
@@ -455,13 +395,16 @@ def run_online(
     if eval_prompts:
         summary["heldout_after"] = evaluate(total)
     model_dir = output_dir / "model"
-    final = lora.for_saving(policy, config.lora.save) if config.lora else policy
-    checkpoint.save_model(final, tokenizer, model_dir)
-    if isinstance(critic, (SeparateCritic, SharedCritic)):
-        critic.save(output_dir / "critic", tokenizer)
+    if distributed.is_main():
+        final = lora.for_saving(policy, config.lora.save) if config.lora else policy
+        checkpoint.save_model(final, tokenizer, model_dir)
+        if isinstance(critic, (SeparateCritic, SharedCritic)):
+            critic.save(output_dir / "critic", tokenizer)
     if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
         save(total)
     summary["train_time_s"] = round(time.perf_counter() - started, 1)
     summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_main():  # (the first process's RSS)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    distributed.barrier()
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from posttrain import distributed
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import TrainConfig
 from posttrain.data.tokenize import Renderer, TruncationStats
@@ -32,6 +33,10 @@ from posttrain.training.metrics import MetricSums
 
 R = TypeVar("R")
 B = TypeVar("B")
+
+
+def print_nothing(_: str) -> None:
+    """The log of every process but the first (one line per run, not one per process)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,9 @@ class OfflineTask(ABC, Generic[R, B]):
                         return compute(model, r)
 
                 key = fingerprint(digest, records, config.precision)
-                stored = cached_tensors(cache_dir, key, run, log=tqdm.write)
+                # Each process computes (or reads) the whole table itself: no collective, so no process
+                # waits on another's cache (the write is atomic per process).
+                stored = cached_tensors(cache_dir, key, run, log=tqdm.write if distributed.is_main() else print_nothing)
                 tables[name] = {k: v.to(self.device) for k, v in stored.items()}
         return tables
 

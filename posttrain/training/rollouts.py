@@ -1,0 +1,156 @@
+"""One step's rollout: samples of the current policy, their rewards, and their log-probs under a model.
+
+Under several processes each samples (and scores with the rewards) its share of the prompts, whole groups
+each, and the shares are gathered (:func:`sample_all`): every process then holds the whole rollout, so
+group statistics, tied-group filtering and PPO's whitening see the global batch, computed by the same code
+as with one process. The processes then train on shares of its rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from posttrain import distributed
+from posttrain.config import TrainConfig
+from posttrain.data.collate import pad_completions
+from posttrain.data.prompts import PromptRecord, repeat_columns
+from posttrain.model.load import autocast
+from posttrain.model.logps import TokenLogps, completion_logps
+from posttrain.rewards.combine import CombinedReward
+from posttrain.rollout.generate import Generator, SamplingParams, shard_seed
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One step's rollout laid out for scoring: (N, T) tensors, N = prompts x num_generations."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
+    rewards: Tensor  # (N,) the weighted total
+    per_reward: dict[str, Tensor]
+    lengths: Tensor  # (N,) completion tokens
+    truncated: Tensor  # (N,) bool
+
+    def rows(self, rows: slice | Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids, attention_mask, loss_mask)`` of some rows, on ``device``."""
+        return tuple(t[rows].to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask))  # type: ignore[return-value]
+
+
+class Scorer:
+    """Log-probs of samples under a model, at the sampling temperature and the run's precision."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, temperature: float | None = None) -> None:
+        self.config = config
+        self.device = device
+        self.temperature = config.generation.temperature if temperature is None else temperature
+
+    def __call__(
+        self, model: nn.Module, s: Samples, rows: slice | Tensor, entropy: bool = False, hidden: bool = False
+    ) -> TokenLogps:
+        with autocast(self.config.precision, self.device):
+            return completion_logps(
+                model, *s.rows(rows, self.device), temperature=self.temperature,
+                chunk_size=self.config.logps_chunk_size, with_entropy=entropy, with_hidden=hidden,
+            )  # fmt: skip
+
+
+def sample(
+    generator: Generator,
+    reward_fn: CombinedReward,
+    prompts: list[PromptRecord],
+    n: int,
+    params: SamplingParams,
+    seed: int,
+    pad_id: int,
+    mask_truncated: bool,
+) -> Samples:
+    """Steps 1-2: n completions per prompt from the current policy, scored by the rewards."""
+    rollout = generator.generate([p.prompt_ids for p in prompts], n, params, seed)
+    texts = [p.text for p in prompts for _ in range(n)]
+    columns = repeat_columns(prompts, n)
+    lengths = [len(c) for c in rollout.completion_ids]
+    scores = reward_fn.score(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated, **columns)
+    rows = [
+        (p.prompt_ids, c) for p, c in zip([p for p in prompts for _ in range(n)], rollout.completion_ids, strict=True)
+    ]
+    input_ids, attention_mask, loss_mask = pad_completions(rows, pad_id)
+    truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
+    if mask_truncated:  # DAPO's overlong filtering: an unfinished answer teaches nothing either way
+        loss_mask = loss_mask & ~truncated[:, None]
+    return Samples(
+        input_ids, attention_mask, loss_mask, torch.tensor(scores.total, dtype=torch.float64),
+        {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.per_reward.items()},
+        torch.tensor(lengths, dtype=torch.float64), truncated,
+    )  # fmt: skip
+
+
+def select_groups(s: Samples, groups: Tensor, n: int) -> Samples:
+    """The samples of the groups (prompts) where ``groups`` (P,) is True."""
+    rows = groups.repeat_interleave(n)
+    return Samples(
+        s.input_ids[rows], s.attention_mask[rows], s.loss_mask[rows], s.rewards[rows],
+        {k: v[rows] for k, v in s.per_reward.items()}, s.lengths[rows], s.truncated[rows],
+    )  # fmt: skip
+
+
+def concat_samples(a: Samples, b: Samples, pad_id: int) -> Samples:
+    """Two sample sets as one, right-padded to the wider of the two."""
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(x: Tensor, value: int | bool) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    return Samples(
+        torch.cat([pad(a.input_ids, pad_id), pad(b.input_ids, pad_id)]),
+        torch.cat([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
+        torch.cat([pad(a.loss_mask, False), pad(b.loss_mask, False)]),
+        torch.cat([a.rewards, b.rewards]),
+        {k: torch.cat([a.per_reward[k], b.per_reward[k]]) for k in a.per_reward},
+        torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]),
+    )  # fmt: skip
+
+
+def heldout_figures(
+    generator: Generator, reward_fn: CombinedReward, prompts: list[PromptRecord], config: TrainConfig, pad_id: int
+) -> dict[str, float]:
+    """Greedy answers to held-out prompts: mean reward (the accuracy, under a 0/1 verifier), per reward, and
+    the mean completion length."""
+    gen = config.generation
+    greedy = SamplingParams(gen.max_new_tokens, 0.0, 1.0, 0, gen.stop)
+    s = sample_all(generator, reward_fn, prompts, 1, greedy, config.seed, pad_id, False)
+    return {"reward": float(s.rewards.mean()), "completion_length": float(s.lengths.mean()),
+            **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()}}  # fmt: skip
+
+
+def sample_all(
+    generator: Generator,
+    reward_fn: CombinedReward,
+    prompts: list[PromptRecord],
+    n: int,
+    params: SamplingParams,
+    seed: int,
+    pad_id: int,
+    mask_truncated: bool,
+) -> Samples:
+    """:func:`sample` on this process's share of ``prompts``, the shares gathered in prompt order: every
+    process gets the samples of all the prompts. Each share is seeded with :func:`shard_seed`, so a
+    generator that seeds per prompt draws what one process would draw for the whole list."""
+    mine = distributed.shard(len(prompts))
+    local = None
+    if mine.stop > mine.start:
+        local = sample(generator, reward_fn, prompts[mine], n, params, shard_seed(seed, mine.start), pad_id,
+                       mask_truncated)  # fmt: skip
+    parts = [p for p in distributed.all_gather_objects(local) if p is not None]
+    return functools.reduce(lambda a, b: concat_samples(a, b, pad_id), parts)
+
+
+def gathered(parts: list[Tensor], s: Samples) -> Tensor:
+    """(N, T) per-row tensors of the whole rollout ``s`` from this process's share of its rows (``parts``, the
+    micro-batches of :func:`posttrain.distributed.shard` of the rows, in order): the shares gathered."""
+    local = torch.cat(parts) if parts else torch.zeros((0, s.input_ids.shape[1]))
+    return distributed.gather_rows(local)

@@ -1,0 +1,356 @@
+"""Two CPU processes (torchrun, gloo) train what one process trains.
+
+One torchrun launch of two processes (this file is also the worker script, see ``worker``) runs every
+scenario in turn, so the processes start once; each test then compares a scenario with the same config run
+in this (single) process:
+
+* the gradient of the first optimizer step, every tensor, within ``rtol = 1e-5`` plus ``atol = 1e-6`` x the
+  tensor's largest entry (fp32 summation order; a gradient averaged instead of summed over the ranks, or a
+  rank training the whole batch, is off by a factor of 2),
+* the logged figures of every step (loss, grad_norm, the method's metrics) within ``rel = 1e-5`` or
+  ``abs = 1e-7`` at step 1 (equal weights), ``abs = 1e-5`` later (a figure such as DPO's policy margin, 1e-2
+  after two steps, is a difference of fp32 log-prob sums near -60, whose ulp is 1.9e-6),
+* the weights after the last step within ``atol = 1e-6`` (one step moves weights by about lr = 3e-3). The
+  runs use ``adam_eps: 1e-3``: Adam's update ``lr * m / (sqrt(v) + eps)`` has slope ``lr / eps`` in the
+  gradient, so a gradient entry that is only summation noise (a near-cancellation, 1e-9) moves its weight
+  by at most ``3e-9`` instead of up to ``lr`` in either direction, as with the default 1e-8,
+
+for DPO, SFT, KTO, reward models, GRPO (scripted sampling: shards of the prompts draw what one process
+draws for all of them) and PPO under ``ddp``, DPO under ``fsdp2``, and LoRA under both. Checkpoints saved by
+two processes resume on one and the other way round (ddp and fsdp2), and equal an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+CANDIDATES = ["yes", "no", "maybe"]
+
+
+# ------------------------------------------------------------------------------------- the worker side
+
+
+def grads_recorder(path: Path) -> Callable[..., float]:
+    """A stand-in for ``distributed.clip_grad_norm`` that saves the first call's (reduced, full) gradients
+    to ``path`` (first process), then clips as the real one does."""
+    from torch.distributed.tensor import DTensor
+
+    from posttrain import distributed
+
+    real = distributed.clip_grad_norm
+    done = []
+
+    def clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
+        if not done:
+            done.append(True)
+            grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in params]
+            if distributed.is_main():
+                torch.save([None if g is None else g.detach().cpu().clone() for g in grads], path)
+        return real(params, max_norm)
+
+    return clip
+
+
+def run_scenario(job: dict[str, Any]) -> int:
+    """One scenario in this process: offline methods through the command line (``posttrain train``), online
+    ones through ``run_online`` with the scripted generator. Returns the exit status."""
+    import yaml
+
+    from posttrain import distributed
+    from posttrain.cli import main
+    from posttrain.config import load
+    from posttrain.rollout.generate import ScriptedGenerator
+    from posttrain.training.online import run_online
+
+    real = distributed.clip_grad_norm
+    if job.get("grads"):
+        distributed.clip_grad_norm = grads_recorder(Path(job["grads"]))  # type: ignore[assignment]
+    try:
+        if job["kind"] == "online":
+            factory = lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m)  # noqa: E731
+            run_online(load(job["config"]), resume=job.get("resume", False), generator_factory=factory)
+            return 0
+        path = Path(job["config"]["output_dir"] + ".yaml")
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(job["config"]))
+        distributed.barrier()
+        return main(["train", str(path), *(["--resume"] if job.get("resume") else [])])
+    finally:
+        distributed.clip_grad_norm = real  # type: ignore[assignment]
+
+
+def worker(jobs_file: str) -> None:
+    """Entry point of each torchrun process: every scenario of ``jobs_file``; exit statuses to ``.out``."""
+    import torch.distributed as dist
+
+    from posttrain import distributed
+
+    distributed.setup()
+    jobs = json.loads(Path(jobs_file).read_text())
+    statuses = {job["name"]: run_scenario(job) for job in jobs}
+    if dist.get_rank() == 0:
+        Path(jobs_file + ".out").write_text(json.dumps(statuses))
+
+
+# ------------------------------------------------------------------------------------- the test side
+
+
+def offline(method: str, model: Path, data: Path, out: Path, **extra: Any) -> dict[str, Any]:
+    from support import run_config
+
+    return run_config(method, model, data, out, **{"max_steps": 2, "micro_batch_size": 2, "adam_eps": 1e-3, **extra})
+
+
+def online(method: str, model: Path, data: Path, out: Path, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "method": method, "model": str(model), "output_dir": str(out),
+        "data": {"train": str(data), "max_length": 64},
+        "rewards": [{"name": "regex_format", "pattern": "^yes$", "fullmatch": True}],
+        "num_generations": 4, "batch_size": 4, "max_steps": 2, "learning_rate": 3e-3,
+        "warmup_ratio": 0.0, "lr_scheduler": "constant", "beta": 0.04, "adam_eps": 1e-3,
+    }  # fmt: skip
+    config.update(extra)
+    return config
+
+
+def truncate(run_dir: Path, step: int) -> None:
+    """Leave ``run_dir`` as a run killed right after its step-``step`` checkpoint would have left it."""
+    for later in sorted((run_dir / "checkpoints").glob("step-*")):
+        if int(later.name.removeprefix("step-")) > step:
+            shutil.rmtree(later)
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "summary.json").unlink()
+
+
+def run_here(job: dict[str, Any]) -> None:
+    """A scenario in this process (one process: every distributed function is the identity)."""
+    assert run_scenario(job) == 0
+
+
+class Runs:
+    """The scenarios: ``single[name]`` ran here, ``double[name]`` under torchrun with two processes."""
+
+    def __init__(self, root: Path, model: Path, pairs: Path, prompts: Path) -> None:
+        self.root, self.single, self.double = root, root / "single", root / "double"
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.statuses: dict[str, int] = {}  # exit status of each scenario of the two-process launch
+        self.log = ""  # its output
+        ppo = {"num_generations": 2, "num_mini_batches": 2, "ppo_epochs": 2}
+        specs: dict[str, tuple[str, str, Path, dict[str, Any]]] = {
+            "dpo": ("cli", "dpo", pairs, {"save_steps": 1}),
+            "sft": ("cli", "sft", pairs, {}),
+            "kto": ("cli", "kto", pairs, {}),
+            "reward": ("cli", "reward", pairs, {}),
+            "dpo_lora": ("cli", "dpo", pairs, {"lora": {"r": 4}}),
+            "dpo_fsdp2": ("cli", "dpo", pairs, {"save_steps": 1, "distributed": {"strategy": "fsdp2"}}),
+            "dpo_lora_fsdp2": ("cli", "dpo", pairs, {"lora": {"r": 4}, "distributed": {"strategy": "fsdp2"}}),
+            "grpo": ("online", "grpo", prompts, {"num_iterations": 2}),
+            "ppo": ("online", "ppo", prompts, ppo),
+        }
+        for name, (kind, method, data, extra) in specs.items():
+            build = offline if kind == "cli" else online
+            self.jobs[name] = {"name": name, "kind": kind, "method": method,
+                               "config": build(method, model, data, Path("OUT"), **extra)}  # fmt: skip
+
+    def job(self, scenario: str, where: Path, **extra: Any) -> dict[str, Any]:
+        """Scenario ``scenario`` writing to ``where / scenario``; ``extra`` overrides job keys (``name`` ...)."""
+        job = json.loads(json.dumps(self.jobs[scenario]))
+        job["config"]["output_dir"] = str(where / scenario)
+        job["grads"] = str(where / f"{scenario}.grads.pt")
+        job.update(extra)
+        return job
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    from support import first_bundled_pairs
+
+    root = tmp_path_factory.mktemp("distributed")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(16)))
+    r = Runs(root, tiny_model_dir, first_bundled_pairs(root / "pairs.jsonl"), prompts)
+    # 1. Every scenario in this process; a second single DPO run of each strategy is cut after step 1 for
+    # the two processes to resume (1 -> 2).
+    for name in r.jobs:
+        run_here(r.job(name, r.single))
+    for name in RESUMED:
+        run_here(r.job(name, r.root / "one-to-two", grads=None))
+        truncate(r.root / "one-to-two" / name, 1)
+    # 2. One torchrun launch of two processes: every scenario, the 1 -> 2 resumptions, a second DPO run of
+    # each strategy for one process to resume (2 -> 1), two refusals.
+    jobs = [r.job(name, r.double) for name in r.jobs]
+    jobs += [r.job(name, r.root / "one-to-two", name=f"resume_{name}", resume=True, grads=None) for name in RESUMED]
+    jobs += [r.job(name, r.root / "two-to-one", name=f"cut_{name}", grads=None) for name in RESUMED]
+    bad = r.job("dpo", r.root / "bad", name="odd_batch", grads=None)
+    bad["config"]["batch_size"], bad["config"]["micro_batch_size"] = 7, 7
+    online_fsdp2 = r.job("grpo", r.root / "bad", name="grpo_fsdp2", grads=None, kind="cli")
+    online_fsdp2["config"]["distributed"] = {"strategy": "fsdp2"}
+    jobs += [bad, online_fsdp2]
+    jobs_file = r.root / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).resolve()), str(jobs_file)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    r.statuses = json.loads((r.root / "jobs.json.out").read_text())
+    r.log = done.stdout + done.stderr
+    return r
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    assert files, model_dir
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def train_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    from posttrain.training.metrics import read_metrics
+
+    return {m["step"]: m for m in read_metrics(run_dir / "metrics.jsonl") if m["split"] == "train"}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=name)
+
+
+def assert_same_run(single: Path, double: Path, skip: tuple[str, ...] = ()) -> None:
+    """The same figures at every step (timings aside) and the same final weights."""
+    a, b = train_metrics(single), train_metrics(double)
+    assert sorted(a) == sorted(b) and a
+    for step in a:
+        for key, value in a[step].items():
+            if key in ("step_time_s", "tokens_per_s", *skip) or not isinstance(value, float):
+                continue
+            # Step 1 starts from equal weights: only the order of sums differs. Later steps start from weights
+            # that differ by rounding, and a figure such as policy_margin (a difference of two summed fp32
+            # log-probs near -60) moves by an ulp of those sums, 2^-19 ~ 1.9e-6.
+            tolerance = 1e-7 if step == 1 else 1e-5
+            assert b[step][key] == pytest.approx(value, rel=1e-5, abs=tolerance), (step, key)
+    assert_same_weights(single / "model", double / "model")
+
+
+def assert_same_grads(single: Path, double: Path) -> None:
+    ga, gb = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    assert len(ga) == len(gb) and ga
+    assert any(g is not None and bool(g.abs().max() > 0) for g in ga)
+    for i, (x, y) in enumerate(zip(ga, gb, strict=True)):
+        assert (x is None) == (y is None), i
+        if x is not None:
+            assert x.shape == y.shape, i
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6 * float(x.abs().max()), msg=f"tensor {i}")
+
+
+SCENARIOS = ["dpo", "sft", "kto", "reward", "dpo_lora", "dpo_fsdp2", "dpo_lora_fsdp2", "grpo", "ppo"]
+RESUMED = ("dpo", "dpo_fsdp2")
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_two_processes_train_what_one_trains(name: str, runs: Runs) -> None:
+    assert runs.statuses[name] == 0, runs.log[-6000:]
+    assert_same_grads(runs.single / f"{name}.grads.pt", runs.double / f"{name}.grads.pt")
+    assert_same_run(runs.single / name, runs.double / name)
+
+
+def test_ppo_critic_is_the_same(runs: Runs) -> None:
+    assert_same_weights(runs.single / "ppo" / "critic", runs.double / "ppo" / "critic")
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_one_process_resumes_two(name: str, runs: Runs) -> None:
+    """A checkpoint written by two processes (ddp replicas, or fsdp2 shards gathered) resumes on one: the
+    rest of the run equals an uninterrupted single-process run."""
+    assert runs.statuses[f"cut_{name}"] == 0, runs.log[-6000:]
+    run_dir = runs.root / "two-to-one" / name
+    truncate(run_dir, 1)
+    state = torch.load(run_dir / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])  # torch's own layout, full tensors
+    run_here(runs.job(name, runs.root / "two-to-one", resume=True, grads=None))
+    assert_same_run(runs.single / name, run_dir)
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_two_processes_resume_one(name: str, runs: Runs) -> None:
+    """A single-process checkpoint resumes on two processes (fsdp2: the full optimizer state is sharded on
+    load) and the run ends where an uninterrupted single-process run ends."""
+    assert runs.statuses[f"resume_{name}"] == 0, runs.log[-6000:]
+    assert_same_run(runs.single / name, runs.root / "one-to-two" / name)
+
+
+def test_refusals_are_one_line_errors(runs: Runs) -> None:
+    """A batch that does not split evenly over the processes, and fsdp2 for an online method, stop with exit
+    status 2 and a line naming the field, before anything is written."""
+    assert runs.statuses["odd_batch"] == 2 and runs.statuses["grpo_fsdp2"] == 2
+    assert "posttrain: error: batch_size: 7 is not a multiple of the 2 processes" in runs.log
+    assert "posttrain: error: distributed.strategy: fsdp2 is for the offline methods" in runs.log
+    assert not (runs.root / "bad" / "dpo").exists() and not (runs.root / "bad" / "grpo").exists()
+
+
+# -------------------------------------------------------------------------- single-process unit checks
+
+
+def test_scripted_shards_draw_what_the_whole_batch_draws(tiny_tokenizer: Any) -> None:
+    """Prompt i of a call seeded s draws from seed s + STRIDE * i: two shards called with shard_seed give the
+    whole batch's draws, prompt by prompt (the union of two processes' samples is one process's)."""
+    from posttrain.rollout.generate import SamplingParams, ScriptedGenerator, shard_seed
+
+    gen = ScriptedGenerator(tiny_tokenizer, CANDIDATES)
+    prompts = [tiny_tokenizer(f"Question {i}", add_special_tokens=False)["input_ids"] for i in range(5)]
+    params = SamplingParams()
+    whole = gen.generate(prompts, 6, params, seed=11)
+    first, second = (
+        gen.generate(prompts[:2], 6, params, seed=11),
+        gen.generate(prompts[2:], 6, params, shard_seed(11, 2)),
+    )
+    assert first.texts + second.texts == whole.texts
+    assert len(set(map(tuple, [whole.texts[i * 6 : i * 6 + 6] for i in range(5)]))) > 1  # prompts differ
+
+
+def test_shards_cover_the_batch_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    from posttrain import distributed
+
+    for world in (1, 2, 3, 8):
+        monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
+        parts = []
+        for r in range(world):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            parts.append(list(range(10))[distributed.shard(10)])
+        assert [i for part in parts for i in part] == list(range(10))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_qlora_without_cuda_is_a_one_line_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from support import first_bundled_pairs
+
+    import posttrain
+    from posttrain.config import ConfigError
+
+    pairs = first_bundled_pairs(tmp_path / "pairs.jsonl")
+    cfg = offline("dpo", tiny_model_dir, pairs, tmp_path / "run", lora={"load_in_4bit": True})
+    with pytest.raises(ConfigError, match=r"^lora.load_in_4bit: QLoRA needs a CUDA GPU \(and bitsandbytes\)"):
+        posttrain.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
