@@ -94,14 +94,21 @@ class OfflineTask(ABC, Generic[R, B]):
 
         LoRA: the policy with adapters off (its base never changes, resumed or not). Otherwise the
         policy's starting weights (frozen deep copy when ``for_copy``, i.e. scored while the policy
-        trains), or a loaded model: ``reference.model``, or the starting model when resuming.
+        trains), or a loaded model: ``reference.model``, or the starting model when resuming. A model scored
+        while the policy trains is sharded like the policy under ``fsdp2`` (a replica per process otherwise).
         """
         ref_name = self.config.reference.model
         if ref_name is None and is_lora(policy):
             return policy, adapters_off(policy)
+        if ref_name is None and not resumed and not for_copy:
+            return policy, contextlib.nullcontext
         if ref_name is None and not resumed:
-            return (freeze(copy.deepcopy(policy)) if for_copy else policy), contextlib.nullcontext
-        return self.load_model(ref_name or self.config.model, trainable=False).to(self.device), contextlib.nullcontext
+            model = freeze(copy.deepcopy(policy))
+        else:
+            model = self.load_model(ref_name or self.config.model, trainable=False).to(self.device)
+        if for_copy and self.config.distributed.strategy == "fsdp2":
+            distributed.prepare(model, "fsdp2")
+        return model, contextlib.nullcontext
 
     def cached_reference_tables(
         self,
