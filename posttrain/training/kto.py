@@ -171,7 +171,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
             n_d = sum(r.label for r in records)
             a = self.algorithm
             advice = imbalance_guidance(n_d, len(records) - n_d, a.desirable_weight, a.undesirable_weight)
-            if advice is not None:
+            if advice is not None and distributed.is_main():
                 tqdm.write(advice)
         return records, stats
 
