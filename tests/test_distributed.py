@@ -15,9 +15,10 @@ in this (single) process:
   gradient, so a gradient entry that is only summation noise (a near-cancellation, 1e-9) moves its weight
   by at most ``3e-9`` instead of up to ``lr`` in either direction, as with the default 1e-8,
 
-for DPO, SFT, KTO, reward models, GRPO (scripted sampling: shards of the prompts draw what one process
-draws for all of them) and PPO under ``ddp``, DPO under ``fsdp2``, and LoRA under both. Checkpoints saved by
-two processes resume on one and the other way round (ddp and fsdp2), and equal an uninterrupted run.
+for DPO, SFT, KTO, reward models, GRPO, DAPO, RLOO, PPO and iterative DPO under ``ddp`` (scripted sampling:
+shards of the prompts draw what one process draws for all of them), DPO under ``fsdp2``, and LoRA under both.
+Checkpoints saved by two processes resume on one and the other way round (ddp and fsdp2), and equal an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -71,15 +72,19 @@ def run_scenario(job: dict[str, Any]) -> int:
     from posttrain.cli import main
     from posttrain.config import load
     from posttrain.rollout.generate import ScriptedGenerator
+    from posttrain.training.iterative import run_iterative
     from posttrain.training.online import run_online
 
     real = distributed.clip_grad_norm
     if job.get("grads"):
         distributed.clip_grad_norm = grads_recorder(Path(job["grads"]))  # type: ignore[assignment]
     try:
+        factory = lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m)  # noqa: E731
         if job["kind"] == "online":
-            factory = lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m)  # noqa: E731
             run_online(load(job["config"]), resume=job.get("resume", False), generator_factory=factory)
+            return 0
+        if job["kind"] == "iterative":
+            run_iterative(load(job["config"]), generator_factory=factory)
             return 0
         path = Path(job["config"]["output_dir"] + ".yaml")
         if distributed.is_main():
@@ -113,10 +118,10 @@ def offline(method: str, model: Path, data: Path, out: Path, **extra: Any) -> di
     return run_config(method, model, data, out, **{"max_steps": 2, "micro_batch_size": 2, "adam_eps": 1e-3, **extra})
 
 
-def online(method: str, model: Path, data: Path, out: Path, **extra: Any) -> dict[str, Any]:
+def online(method: str, model: Path, prompts: Path, out: Path, **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "method": method, "model": str(model), "output_dir": str(out),
-        "data": {"train": str(data), "max_length": 64},
+        "data": {"train": str(prompts), "max_length": 64},
         "rewards": [{"name": "regex_format", "pattern": "^yes$", "fullmatch": True}],
         "num_generations": 4, "batch_size": 4, "max_steps": 2, "learning_rate": 3e-3,
         "warmup_ratio": 0.0, "lr_scheduler": "constant", "beta": 0.04, "adam_eps": 1e-3,
@@ -157,10 +162,15 @@ class Runs:
             "dpo_fsdp2": ("cli", "dpo", pairs, {"save_steps": 1, "distributed": {"strategy": "fsdp2"}}),
             "dpo_lora_fsdp2": ("cli", "dpo", pairs, {"lora": {"r": 4}, "distributed": {"strategy": "fsdp2"}}),
             "grpo": ("online", "grpo", prompts, {"num_iterations": 2}),
+            "dapo": ("online", "dapo", prompts, {"max_steps": 3}),
+            "rloo": ("online", "rloo", prompts, {}),
             "ppo": ("online", "ppo", prompts, ppo),
+            "iterative_dpo": ("iterative", "iterative_dpo", prompts, ITERATIVE),
         }
         for name, (kind, method, data, extra) in specs.items():
             build = offline if kind == "cli" else online
+            if kind == "iterative":
+                extra = {**extra, "data": {"train": str(data), "eval": str(data), "max_length": 64}}
             self.jobs[name] = {"name": name, "kind": kind, "method": method,
                                "config": build(method, model, data, Path("OUT"), **extra)}  # fmt: skip
 
@@ -261,7 +271,8 @@ def assert_same_grads(single: Path, double: Path) -> None:
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6 * float(x.abs().max()), msg=f"tensor {i}")
 
 
-SCENARIOS = ["dpo", "sft", "kto", "reward", "dpo_lora", "dpo_fsdp2", "dpo_lora_fsdp2", "grpo", "ppo"]
+SCENARIOS = ["dpo", "sft", "kto", "reward", "dpo_lora", "dpo_fsdp2", "dpo_lora_fsdp2", "grpo", "dapo", "rloo", "ppo"]
+ITERATIVE = {"num_generations": 3, "rounds": 2, "steps_per_round": 2, "reference_update": "initial", "beta": 0.1}
 RESUMED = ("dpo", "dpo_fsdp2")
 
 
@@ -274,6 +285,20 @@ def test_two_processes_train_what_one_trains(name: str, runs: Runs) -> None:
 
 def test_ppo_critic_is_the_same(runs: Runs) -> None:
     assert_same_weights(runs.single / "ppo" / "critic", runs.double / "ppo" / "critic")
+
+
+def test_iterative_dpo_rounds_are_the_same(runs: Runs) -> None:
+    """Sampling shards, the pairs written once, each round's offline run split over the processes: the same
+    pairs, held-out figures, training figures and final model."""
+    assert runs.statuses["iterative_dpo"] == 0, runs.log[-6000:]
+    one, two = runs.single / "iterative_dpo", runs.double / "iterative_dpo"
+    for r in (1, 2):
+        assert (one / f"round-{r}" / "pairs.jsonl").read_text() == (two / f"round-{r}" / "pairs.jsonl").read_text()
+        assert_same_run(one / f"round-{r}" / "train", two / f"round-{r}" / "train")
+    assert_same_grads(runs.single / "iterative_dpo.grads.pt", runs.double / "iterative_dpo.grads.pt")
+    summary = [json.loads((d / "summary.json").read_text()) for d in (one, two)]
+    assert summary[0]["rounds"] == summary[1]["rounds"] and summary[0]["heldout_after"] == summary[1]["heldout_after"]
+    assert_same_weights(one / "model", two / "model")
 
 
 @pytest.mark.parametrize("name", RESUMED)
