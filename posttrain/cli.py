@@ -112,6 +112,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _print_run(result: RunResult) -> None:
+    from posttrain import distributed
+
+    if not distributed.is_main():  # under torchrun, one process speaks for the run
+        return
     for line in summary_lines(result.summary):
         print(line)
     print(f"model:   {result.model_dir}")

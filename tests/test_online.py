@@ -213,3 +213,9 @@ def test_resume_equals_uninterrupted(
         a_sd = auto.from_pretrained(tmp_path / "straight" / part).state_dict()
         b_sd = auto.from_pretrained(tmp_path / "resumed" / part).state_dict()
         assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd), part
+
+
+def test_rloo_reports_the_kl_it_folds_into_the_reward(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
+    """Step 1 samples from the reference's own weights: the summed k1 KL is exactly 0; it moves afterwards."""
+    steps = run(online_config("rloo", tiny_model_dir, prompts_file, tmp_path / "k", max_steps=3, beta=0.05))
+    assert steps[0]["kl_ref"] == 0.0 and steps[-1]["kl_ref"] != 0.0

@@ -378,6 +378,8 @@ def run_online(
             figures["kl"] = sums["kl_sum"] / tokens
         if "entropy_sum" in sums:
             figures["entropy"] = sums["entropy_sum"] / max(1.0, sums["entropy_tokens"])
+        if isinstance(alg, RLOO) and ref is not None:  # KL to the reference per completion (k1, summed)
+            figures["kl_ref"] = float(kl.mean())
         if isinstance(alg, PPO) and targets is not None:
             figures.update(ppo_figures(targets, s.loss_mask.to(device), kl_coef))
             figures.update(value_loss=sums["value_loss"], policy_loss=sums["policy_loss"], epochs=done,
