@@ -267,7 +267,7 @@ def test_set_reaches_the_shared_level_or_one_stage(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"gamma": 1.0}, r"^gamma: no stage's method takes it \(used by simpo\)$"),
+        ({"gamma": 1.0}, r"^gamma: no stage's method takes it \(used by simpo, ppo\)$"),
         ({"learning_rat": 1.0}, r"^learning_rat: unknown key \(did you mean 'learning_rate'\?\)$"),
         ({"output_dir": None}, r"^output_dir: is required"),
         ({"stages": []}, r"^stages: expected a non-empty list"),
