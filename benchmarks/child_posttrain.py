@@ -20,22 +20,29 @@ from pathlib import Path
 from typing import Any
 
 
-def offline_config(spec: dict[str, Any]) -> dict[str, Any]:
-    method = spec["method"]
-    config: dict[str, Any] = {
-        "method": method,
+def run_keys(spec: dict[str, Any]) -> dict[str, Any]:
+    """The keys every benchmark run shares: model, data, step count, a constant lr, fp32, the seed."""
+    return {
         "model": spec["model_dir"],
         "output_dir": str(Path(spec["run_dir"]) / "out"),
         "data": {"train": spec["data_file"], "max_length": spec["max_length"]},
         "max_steps": spec["warmup"] + spec["steps"],
-        "batch_size": spec["batch_size"],
         "learning_rate": spec["lr"],
         "lr_scheduler": "constant",
         "warmup_ratio": 0.0,
         "max_grad_norm": 1.0,
-        "weight_decay": 0.0,
         "precision": "fp32",
         "seed": spec["seed"],
+    }
+
+
+def offline_config(spec: dict[str, Any]) -> dict[str, Any]:
+    method = spec["method"]
+    config: dict[str, Any] = {
+        "method": method,
+        **run_keys(spec),
+        "batch_size": spec["batch_size"],
+        "weight_decay": 0.0,
         "logging_steps": 1,
     }
     if method in ("dpo", "ipo", "kto"):
@@ -55,21 +62,12 @@ def grpo_config(spec: dict[str, Any]) -> dict[str, Any]:
     g = spec["grpo"]
     return {
         "method": "grpo",
-        "model": spec["model_dir"],
-        "output_dir": str(Path(spec["run_dir"]) / "out"),
-        "data": {"train": spec["data_file"], "max_length": spec["max_length"]},
-        "max_steps": spec["warmup"] + spec["steps"],
+        **run_keys(spec),
         "batch_size": g["prompts_per_step"],
         "num_generations": g["num_generations"],
         "beta": g["beta"],
         "loss_aggregation": "grpo",
         "scale_rewards": "std",
-        "learning_rate": spec["lr"],
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0.0,
-        "max_grad_norm": 1.0,
-        "precision": "fp32",
-        "seed": spec["seed"],
         "generation": {"max_new_tokens": g["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0},
         "rewards": [{"name": "bench_rewards:vowel_share"}],
     }
