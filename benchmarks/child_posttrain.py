@@ -33,6 +33,7 @@ def run_keys(spec: dict[str, Any]) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "precision": "fp32",
         "seed": spec["seed"],
+        "layout": spec.get("layout", "auto"),
     }
 
 
@@ -68,7 +69,14 @@ def grpo_config(spec: dict[str, Any]) -> dict[str, Any]:
         "beta": g["beta"],
         "loss_aggregation": "grpo",
         "scale_rewards": "std",
-        "generation": {"max_new_tokens": g["max_new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        # One generate call for the whole rollout, as TRL's GRPOTrainer makes.
+        "generation": {
+            "max_new_tokens": g["max_new_tokens"],
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "batch_size": g["prompts_per_step"] * g["num_generations"],
+        },
         "rewards": [{"name": "bench_rewards:vowel_share"}],
     }
 
@@ -113,6 +121,7 @@ def main(spec_path: str) -> None:
     trained: list[int] = []
     nograd: list[int] = []
     logged_tokens: list[int] = []
+    computed_trained: list[int] = []  # tokens the forwards computed, where they differ from `trained`
     precompute_tokens = 0
     if method == "grpo":
         g = spec["grpo"]
@@ -138,14 +147,21 @@ def main(spec_path: str) -> None:
     else:
         pairs = ids["prefs"]
         samples = spec["batch_size"]
+        # A shared-prefix layout computes each prompt once, plus one repeated token: what MFU counts.
+        shared = result.summary.get("layout") == "shared_prefix"
+
+        def computed(p: list[int], c: list[int], r: list[int]) -> int:
+            return len(p) + len(c) + 1 + len(r) if shared else 2 * len(p) + len(c) + len(r)
+
         for step, line in enumerate(lines):
             batch = [pairs[i] for i in batch_indices(step, len(pairs), samples, seed)]
             trained.append(sum(2 * len(p) + len(c) + len(r) for p, c, r in batch))
-            nograd.append(trained[-1] if spec["reference"] == "copy" and method in ("dpo", "ipo") else 0)
+            computed_trained.append(sum(computed(*pair) for pair in batch))
+            nograd.append(computed_trained[-1] if spec["reference"] == "copy" and method in ("dpo", "ipo") else 0)
             logged_tokens.append(round(line["tokens_per_s"] * line["step_time_s"]))
         if method in ("dpo", "ipo"):
-            precompute_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
-    if logged_tokens and logged_tokens != trained:
+            precompute_tokens = sum(computed(*pair) for pair in pairs)
+    if logged_tokens and logged_tokens != (computed_trained or trained):
         raise RuntimeError(f"posttrain's logged tokens {logged_tokens} differ from the expected {trained}")
 
     out = {
@@ -154,7 +170,9 @@ def main(spec_path: str) -> None:
         "losses": [r.get("loss") for r in lines],
         "grad_norms": [r.get("grad_norm") for r in lines],
         "trained_tokens": trained,
+        "computed_trained_tokens": computed_trained or trained,
         "nograd_tokens": nograd,
+        "layout": result.summary.get("layout"),
         "samples_per_step": samples,
         "precompute_s": sum(precompute),
         "precompute_tokens": precompute_tokens if precompute and not cached_before else 0,

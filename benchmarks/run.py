@@ -56,6 +56,7 @@ class Settings:
     peak_n: int = 2048
     child_timeout: int = 3600
     quick: bool = False
+    layout: str = "auto"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
@@ -82,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--grpo-new-tokens", type=int, default=None, help="GRPO generation length (default 64; --quick: 8)")
     p.add_argument("--workdir", type=Path, default=None, help="fixtures and runs (default: a temporary directory)")
     p.add_argument("--keep-workdir", action="store_true", help="do not delete the work directory at the end")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "padded", "packed", "shared_prefix"],
+        help="posttrain's layout (a lever on or off; auto: the fastest the method allows)",
+    )
     p.add_argument("--child-timeout", type=int, default=3600, help="seconds per training subprocess")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -126,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         peak_n=1024 if q else 2048,
         child_timeout=a.child_timeout,
         quick=q,
+        layout=a.layout,
     )
     if settings.prompt_range[1] + settings.completion_range[1] > settings.max_length:
         p.error("prompt + completion lengths exceed max_length")
@@ -225,7 +233,7 @@ def run_child(tool: str, case: Case, s: Settings, fx: dict[str, Any], work: Path
         "ids_file": fx["ids_file"], "run_dir": str(run_dir), "result_file": str(run_dir / "result.json"),
         "threads": s.threads, "warmup": s.warmup, "steps": s.steps,
         "batch_size": s.kto_batch_size if case.method == "kto" else s.batch_size,
-        "max_length": s.max_length, "lr": s.lr, "seed": s.seed, "grpo": s.grpo,
+        "max_length": s.max_length, "lr": s.lr, "seed": s.seed, "grpo": s.grpo, "layout": s.layout,
         "ref_cache_dir": str(work / "refcache" / cache_key), "hf_cache_dir": str(work / "hfcache" / cache_key),
         # TRL's output_dir is part of the datasets fingerprint of its prepared data (its map/filter closures hold
         # the config), and so of its reference cache key: the cold and warm runs must share it.
@@ -280,12 +288,13 @@ def figures(r: dict[str, Any], case: Case, s: Settings, n_params: int, peak: flo
     w, t = s.warmup, s.steps
     time_s = sum(r["step_times"][w:])
     trained = sum(r["trained_tokens"][w:])
+    computed = sum(r.get("computed_trained_tokens", r["trained_tokens"])[w:])  # a shared prompt counts once
     nograd = float(sum(r["nograd_tokens"][w:]))
     share = t / (w + t)  # the timed steps' share of the run: of its precomputation, time and work alike
     amortised_s = r.get("precompute_s", 0.0) * share if case.reference in ("cold", "warm") else 0.0
     nograd += r.get("precompute_tokens", 0) * share if case.reference in ("cold", "warm") else 0.0
     total_s = time_s + amortised_s
-    flops = 6 * n_params * trained + 2 * n_params * nograd
+    flops = 6 * n_params * computed + 2 * n_params * nograd
     out = {
         "timed_steps_s": time_s,
         "amortised_precompute_s": amortised_s,
@@ -346,10 +355,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['grpo']['num_generations']} samples of {s['grpo']['max_new_tokens']} tokens); fp32; max_length "
         f"{s['max_length']}; prompts {s['prompt_range'][0]}-{s['prompt_range'][1]} tokens, completions "
         f"{s['completion_range'][0]}-{s['completion_range'][1]} tokens.",
+        f"posttrain layout: {s.get('layout', 'auto')} requested; in force: "
+        + ", ".join(
+            f"{row['method']}-{row['size']} {row['raw'].get('posttrain', {}).get('layout') or '?'}"
+            for row in report["rows"]
+        )
+        + ".",
         "",
         "samples/s: pairs/s (DPO, IPO, ORPO, SimPO), examples/s (KTO), completions/s (GRPO). tokens/s: non-padding "
-        "prompt + completion tokens of the trained rows (a pair's prompt counts twice). MFU: (6N x trained tokens "
-        "+ 2N x no-grad tokens) / time / peak, N = parameters without the input embedding. x = posttrain / TRL.",
+        "prompt + completion tokens of the trained rows (a pair's prompt counts twice, whether or not a tool "
+        "computes it twice). MFU: (6N x computed trained tokens + 2N x no-grad tokens) / time / peak, N = "
+        "parameters without the input embedding; a prompt that posttrain's shared_prefix layout computes once "
+        "counts once. x = posttrain / TRL.",
         "",
         "| method | model | reference | samples/s posttrain | samples/s TRL | x | tokens/s posttrain | tokens/s TRL "
         "| x | peak RSS GiB posttrain | peak RSS GiB TRL | x | MFU posttrain | MFU TRL | x |",
@@ -515,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         a.out.mkdir(parents=True, exist_ok=True)
         stem = datetime.date.today().isoformat() + ("-quick" if s.quick else "")
+        stem += "" if s.layout == "auto" else f"-layout-{s.layout}"
         (a.out / f"{stem}.md").write_text(text)
         (a.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
         print(f"wrote {a.out / (stem + '.md')} and {a.out / (stem + '.json')} ({report['total_s']:.0f} s in all)")

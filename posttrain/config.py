@@ -76,6 +76,7 @@ class DataConfig:
 
 
 ReferenceKind = Literal["copy", "cached", "none"]
+Layout = Literal["auto", "padded", "packed", "shared_prefix"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ class GenerationConfig:
     ``pip install vllm``) that receives the current weights before every rollout."""
     vllm_gpu_memory_utilization: float = 0.3
     """With ``backend: vllm``: the share of GPU memory vLLM may take (the rest is training's)."""
+    batch_size: int = 16
+    """With ``backend: hf``: completions per ``generate`` call (memory of the KV cache vs. speed)."""
     mask_truncated: bool | None = None
     """Completions that hit ``max_new_tokens`` without finishing get no loss (DAPO's overlong filtering).
     null: the method's default (true for ``dapo``, false for the others)."""
@@ -152,6 +155,7 @@ class GenerationConfig:
         check(self.temperature > 0, "generation.temperature", f"must be > 0, got {self.temperature}")
         check(0 < self.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.top_k >= 0, "generation.top_k", f"must be >= 0, got {self.top_k}")
+        check(self.batch_size >= 1, "generation.batch_size", f"must be >= 1, got {self.batch_size}")
         u = self.vllm_gpu_memory_utilization
         check(0 < u < 1, "generation.vllm_gpu_memory_utilization", f"must be in (0, 1), got {u}")
 
@@ -214,6 +218,10 @@ class TrainConfig:
     logps_chunk_size: int = 1024
     """Completion tokens per LM-head chunk in the log-prob primitive (memory vs. speed)."""
     gradient_checkpointing: bool = False
+    layout: Layout = "auto"
+    """How completions are laid out for scoring: ``padded`` (a row each), ``packed`` (one row per micro-batch,
+    no padding, attention kept inside each sequence), ``shared_prefix`` (packed, a prompt shared by several
+    completions computed once), ``auto`` (the fastest one the method and the model allow)."""
     eval_steps: int | None = None
     """Evaluate every N steps (and always before and after training when there is eval data)."""
     save_steps: int | None = None

@@ -51,6 +51,7 @@ def evaluate_run(
     task = task_for(config, tokenizer, device)
     records, _ = task.load_records(source_data, config.data.split)
     policy = task.load_model(model, trainable=False).to(device)
+    task.choose_layout(policy)
     # resumed=True: the reference is loaded from the starting model (or reference.model), not the policy.
     task.prepare_references(policy, {"eval": records}, resumed=True)
     micro = config.micro_batch_size or config.batch_size

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.data.collate import pad_completions
+from posttrain.data.collate import pack_units, pad_completions, sequence_counts
 from posttrain.data.examples import UnpairedExample, UnpairedRecord
 from posttrain.data.formats import DataError, _Row, preference_example, read_rows
 from posttrain.data.tokenize import Renderer, TruncationStats, truncate
+from posttrain.model.spans import Spans
 
 
 def _label(r: _Row) -> bool:
@@ -163,7 +164,9 @@ class UnpairedBatch:
     """B right-padded rows of prompt + completion (or, with ``kl``, prompt + the partner's completion).
 
     ``input_ids``, ``attention_mask``, ``loss_mask``: (B, T); ``index``: (B,) data set positions;
-    ``labels``: (B,) bool, True where the record's own completion is desirable.
+    ``labels``: (B,) bool, True where the record's own completion is desirable. The packed layout puts
+    the B sequences in one row (``position_ids``, ``sequence``, ``spans``: see
+    :func:`posttrain.data.collate.pack_units`).
     """
 
     input_ids: Tensor
@@ -172,13 +175,27 @@ class UnpairedBatch:
     index: Tensor
     labels: Tensor
     kl: bool = False
+    position_ids: Tensor | None = None
+    sequence: Tensor | None = None
+    spans: Spans | None = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
+    @property
+    def num_sequences(self) -> int:
+        return len(self)
 
-def collate_unpaired(records: Sequence[UnpairedRecord], pad_id: int, kl: bool = False) -> UnpairedBatch:
-    """Lay out records as rows ``prompt + completion``; with ``kl=True``, ``prompt + kl_completion``.
+    def completion_counts(self) -> Tensor:
+        """(B,) completion tokens of each example."""
+        return sequence_counts(self.loss_mask, self.sequence, len(self))
+
+
+def collate_unpaired(
+    records: Sequence[UnpairedRecord], pad_id: int, kl: bool = False, layout: str = "padded"
+) -> UnpairedBatch:
+    """Lay out records as rows ``prompt + completion``; with ``kl=True``, ``prompt + kl_completion``;
+    ``layout: packed`` puts them all in one row.
 
     >>> r = UnpairedRecord(prompt_ids=(5, 6), completion_ids=(7,), label=True, index=3, kl_completion_ids=(8, 9))
     >>> b = collate_unpaired([r, UnpairedRecord((5,), (4, 4, 4), False, 4, (7,))], pad_id=0)
@@ -194,9 +211,13 @@ def collate_unpaired(records: Sequence[UnpairedRecord], pad_id: int, kl: bool = 
     tensor([[5, 6, 8, 9]])
     """
     rows = [(r.prompt_ids, r.kl_completion_ids if kl else r.completion_ids) for r in records]
-    input_ids, attention_mask, loss_mask = pad_completions(rows, pad_id)
     index = torch.tensor([r.index for r in records], dtype=torch.long)
     labels = torch.tensor([r.label for r in records], dtype=torch.bool)
+    if layout != "padded":  # one completion per prompt: nothing to share, packed either way
+        p = pack_units([(prompt, (completion,)) for prompt, completion in rows], share_prefix=False)
+        return UnpairedBatch(p.input_ids, p.attention_mask, p.loss_mask, index, labels, kl, p.position_ids,
+                             p.sequence, p.spans)  # fmt: skip
+    input_ids, attention_mask, loss_mask = pad_completions(rows, pad_id)
     return UnpairedBatch(input_ids, attention_mask, loss_mask, index, labels, kl)
 
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.model.spans import Spans, span_attention
+
 
 @dataclass(frozen=True)
 class TokenLogps:
@@ -36,16 +38,29 @@ class TokenLogps:
     entropy: Tensor | None = None
     hidden: Tensor | None = None
     """(B, T, H) the decoder's last hidden states, when asked for (a value head on the policy's trunk)."""
+    sequence: Tensor | None = None
+    """Packed rows: (B, T) the completion each scored token belongs to (-1 elsewhere); None: one per row."""
+    num_sequences: int = 0
 
     @property
     def sums(self) -> Tensor:
-        """(B,) summed log-prob of each row's completion."""
-        return self.logps.sum(-1)
+        """Summed log-prob of each completion: (B,) one per row, or (num_sequences,) when packed."""
+        if self.sequence is None:
+            return self.logps.sum(-1)
+        return self._per_sequence(self.logps)
 
     @property
     def counts(self) -> Tensor:
-        """(B,) number of completion tokens of each row."""
-        return self.mask.sum(-1)
+        """Number of completion tokens of each completion (rows, or sequences when packed)."""
+        if self.sequence is None:
+            return self.mask.sum(-1)
+        return self._per_sequence(self.mask.long())
+
+    def _per_sequence(self, values: Tensor) -> Tensor:
+        assert self.sequence is not None
+        at = self.mask & (self.sequence >= 0)
+        out = values.new_zeros((self.num_sequences,))
+        return out.index_add(0, self.sequence[at], values[at])
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,9 @@ def completion_logps(
     with_entropy: bool = False,
     position_ids: Tensor | None = None,
     with_hidden: bool = False,
+    spans: Spans | None = None,
+    sequence: Tensor | None = None,
+    num_sequences: int = 0,
 ) -> TokenLogps:
     """Log-probs of the tokens marked by ``loss_mask`` under ``model``, (B, T) aligned with ``input_ids``.
 
@@ -149,6 +167,9 @@ def completion_logps(
             0 for each). The model is then called without ``attention_mask``, which makes transformers
             build a block-diagonal causal mask from the position resets: no token attends across sequences.
             The first token of each packed sequence must be off ``loss_mask``.
+        spans, sequence, num_sequences: a packed or prefix-shared layout (:func:`posttrain.data.collate.
+            pack_units`): attention runs inside each span block (:mod:`posttrain.model.spans`), and ``sums``
+            and ``counts`` of the result are per ``sequence`` id instead of per row.
     """
     if loss_mask[:, 0].any():
         raise ValueError("loss_mask[:, 0] must be False: the first token cannot be scored")
@@ -156,7 +177,12 @@ def completion_logps(
     scale, cap = _logit_transform(model.config)
     # use_cache=False: scoring never needs a KV cache, and transformers only honours packed position_ids
     # (its block-diagonal mask) when no cache is passed around.
-    if position_ids is not None:
+    if spans is not None:
+        if position_ids is None:
+            raise ValueError("spans need position_ids")
+        with span_attention(model):
+            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, posttrain_spans=spans)
+    elif position_ids is not None:
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     else:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -190,4 +216,11 @@ def completion_logps(
     if with_entropy:
         flat_ent = torch.cat(entropies) if entropies else flat.new_zeros((0,))
         entropy = torch.zeros_like(logps).masked_scatter(mask, flat_ent)
-    return TokenLogps(logps=logps, mask=mask, entropy=entropy, hidden=hidden if with_hidden else None)
+    return TokenLogps(
+        logps=logps,
+        mask=mask,
+        entropy=entropy,
+        hidden=hidden if with_hidden else None,
+        sequence=sequence,
+        num_sequences=num_sequences,
+    )

@@ -79,7 +79,7 @@ class CachedReference:
 
     def pair_logps(self, batch: PairBatch) -> PairLogps:
         device = self.chosen.device
-        counts = batch.loss_mask.sum(-1).to(device)
+        counts = batch.completion_counts().to(device)
         n = batch.num_pairs
         i = batch.index.to(device)
         return PairLogps(self.chosen[i], self.rejected[i], counts[:n], counts[n:])
@@ -145,14 +145,16 @@ def compute_pair_logps(
     records: Sequence[PreferenceRecord],
     pad_id: int,
     batch_size: int,
+    layout: str = "padded",
 ) -> tuple[Tensor, Tensor]:
-    """One no-grad pass over ``records``: (chosen, rejected) summed log-probs, each (N,) in record order."""
+    """One no-grad pass over ``records``: (chosen, rejected) summed log-probs, each (N,) in record order,
+    in batches of ``batch_size`` pairs laid out in ``layout``."""
     chosen = torch.empty(len(records))
     rejected = torch.empty(len(records))
     starts = range(0, len(records), batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
-            batch = collate_pairs(records[start : start + batch_size], pad_id)
+            batch = collate_pairs(records[start : start + batch_size], pad_id, layout)
             out = score(model, batch)
             chosen[batch.index] = out.chosen_logps.float().cpu()
             rejected[batch.index] = out.rejected_logps.float().cpu()

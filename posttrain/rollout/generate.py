@@ -286,7 +286,7 @@ def build_generator(backend: str, model: nn.Module, tokenizer: Any, model_path: 
     """The generator of ``generation.backend``: ``hf`` (:class:`HFGenerator`) or ``vllm`` (a colocated engine
     started from ``model_path``, the policy's starting weights, fed the current weights before each rollout)."""
     if backend == "hf":
-        return HFGenerator(model, tokenizer)
+        return HFGenerator(model, tokenizer, **options)
     if backend == "vllm":
         from posttrain.model import embedded
         from posttrain.rollout.vllm import VLLMGenerator

@@ -77,7 +77,12 @@ class CachedUnpairedReference:
 
 
 def compute_unpaired_logps(
-    score: Score, model: nn.Module, records: Sequence[UnpairedRecord], pad_id: int, batch_size: int
+    score: Score,
+    model: nn.Module,
+    records: Sequence[UnpairedRecord],
+    pad_id: int,
+    batch_size: int,
+    layout: str = "padded",
 ) -> dict[str, Tensor]:
     """One no-grad pass: ``completion`` and ``kl`` summed log-probs, each (N,) float32 in record order."""
     out = {"completion": torch.empty(len(records)), "kl": torch.empty(len(records))}
@@ -85,7 +90,7 @@ def compute_unpaired_logps(
     with torch.no_grad():
         for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
             for name in out:
-                batch = collate_unpaired(records[start : start + batch_size], pad_id, kl=name == "kl")
+                batch = collate_unpaired(records[start : start + batch_size], pad_id, name == "kl", layout)
                 out[name][batch.index] = score(model, batch).float().cpu()
     return out
 
@@ -151,6 +156,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
     """(prompt, completion, label) examples; the loss is averaged over the examples of the global batch."""
 
     unit = "examples"
+    layouts = ("padded", "packed")
     algorithm_type = KTO
     algorithm: KTO
 
@@ -176,7 +182,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         return records, stats
 
     def collate(self, records: Sequence[UnpairedRecord]) -> UnpairedBatch:
-        return collate_unpaired(records, self.tokenizer.pad_token_id)
+        return collate_unpaired(records, self.tokenizer.pad_token_id, layout=self.layout)
 
     def counts(self, records: Sequence[UnpairedRecord]) -> Counts:
         tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in records)
@@ -198,7 +204,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         pad_id = self.tokenizer.pad_token_id
 
         def compute(model: nn.Module, records: list[UnpairedRecord]) -> dict[str, Tensor]:
-            return compute_unpaired_logps(self.score, model, records, pad_id, micro)
+            return compute_unpaired_logps(self.score, model, records, pad_id, micro, self.layout)
 
         # The fingerprint covers the partners' completions too (they are token fields of the records).
         tables = self.cached_reference_tables(policy, splits, resumed, compute)
@@ -215,7 +221,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of log-ratios, count]
         with torch.no_grad(), evaluation_mode(model):  # a deterministic estimate: dropout off
             for start in range(0, len(records), micro):
-                batch = collate_unpaired(records[start : start + micro], pad_id, kl=True)
+                batch = collate_unpaired(records[start : start + micro], pad_id, kl=True, layout=self.layout)
                 ratios = self.score(model, batch) - self.references[split].logps(batch).to(self.device)
                 totals[0] += ratios.to(self.device, torch.float64).sum()
                 totals[1] += len(batch)
@@ -249,7 +255,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         sums.add("ref_logps", ref)
         sums.add("desirable_policy_logps", policy.detach() * desirable)
         sums.add("undesirable_policy_logps", policy.detach() * (1 - desirable))
-        sums.add("completion_length", batch.loss_mask.sum(-1))
+        sums.add("completion_length", batch.completion_counts())
         return aggregate(out.loss, global_count=counts.of(self.unit))
 
     def finish_figures(self, figures: dict[str, float]) -> dict[str, float]:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -214,8 +215,11 @@ def run(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     policy = load_policy(task, config, device)
+    log(f"layout: {task.choose_layout(policy)}")
     splits = {"train": records, **({"eval": eval_records} if eval_records else {})}
+    t_ref = time.perf_counter()
     task.prepare_references(policy, splits, resumed=last is not None)
+    reference_s = time.perf_counter() - t_ref
     if last is not None and lora.is_lora(policy):  # now load the trained weights
         lora.load_adapter_weights(policy, last)
     elif last is not None:
@@ -259,7 +263,8 @@ def run(
                 checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable)
         distributed.barrier()
 
-    summary: dict[str, Any] = {"method": config.method, "model": config.model, "steps": total}
+    summary: dict[str, Any] = {"method": config.method, "model": config.model, "steps": total, "layout": task.layout}
+    summary["reference_time_s"] = round(reference_s, 2)  # building the reference (a cache: computed or read)
 
     def run_eval(step: int, at_start: bool = False) -> dict[str, float]:
         figures = evaluate(task, policy, eval_records, micro, at_start=at_start)
@@ -276,6 +281,7 @@ def run(
     )
     params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()
+    started = time.perf_counter()
     for step in range(start, total):
         t0 = time.perf_counter()
         step_records = [records[i] for i in batch_indices(step, len(records), config.batch_size, config.seed)]
@@ -311,6 +317,7 @@ def run(
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
             save(step + 1)
     progress.close()
+    summary["train_time_s"] = round(time.perf_counter() - started, 1)  # the optimizer steps of this process
 
     # 6. Evaluation after training, the final model (and with save_steps the end state too: resuming a
     # finished run is a no-op, not a retrain), the summary.
@@ -318,6 +325,7 @@ def run(
         summary["heldout_after"] = run_eval(total)
     model_dir = output_dir / "model"
     save(total, model_dir)
+    summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     if distributed.is_main():
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)

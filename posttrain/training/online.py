@@ -34,6 +34,7 @@ from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_cli
 from posttrain.model import lora
 from posttrain.model.load import evaluation_mode, freeze, load_causal_lm, load_tokenizer
 from posttrain.model.logps import TokenLogps
+from posttrain.model.spans import resolve_layout
 from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
@@ -121,7 +122,9 @@ def default_generator(config: TrainConfig) -> Callable[[nn.Module, Any], Generat
             require_vllm()
         except (ImportError, RuntimeError) as err:
             raise ConfigError(str(err)) from None
-    options = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization} if gen.backend == "vllm" else {}
+    options: dict[str, Any] = {"batch_size": gen.batch_size}
+    if gen.backend == "vllm":
+        options = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
     return lambda model, tokenizer: build_generator(gen.backend, model, tokenizer, config.model, **options)
 
 
@@ -180,7 +183,14 @@ def run_online(
     generator = make_generator(policy, tokenizer)
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
-    score = Scorer(config, device)
+    base = policy.get_base_model() if lora.is_lora(policy) else policy  # type: ignore[operator]
+    longest = config.data.prompt_limit + gen.max_new_tokens
+    try:
+        layout = resolve_layout(config.layout, "shared_prefix", base, config.gradient_checkpointing, longest)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    log(f"layout: {layout}")
+    score = Scorer(config, device, layout=layout)
     n = alg.num_generations
     # Passes over each rollout (GRPO's mu, PPO's epochs) and optimizer steps per pass (PPO's minibatches).
     passes = alg.num_iterations if isinstance(alg, GRPO) else alg.ppo_epochs if isinstance(alg, PPO) else 1
@@ -207,7 +217,7 @@ def run_online(
         critic_sched = build_scheduler(critic_opt, total * passes * minibatches, config.warmup_ratio,
                                        config.lr_scheduler)  # fmt: skip
         steppers.append((critic_opt, critic_sched))
-    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total}
+    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total, "layout": layout}
     kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
     start = 0
     if last is not None:  # the trained weights, the optimizers' and schedules' state, the RNG, the step
@@ -283,6 +293,7 @@ def run_online(
             if len(kept.rewards):  # (with none informative at all, the tied batch stays: zero advantages)
                 s = select_groups(kept, torch.arange(len(kept.rewards) // n) < config.batch_size, n)
         everything = torch.arange(len(s.rewards))
+        t_sampled = time.perf_counter()
         with torch.no_grad():  # reference and old-policy log-probs (and old values) before any update
             # Each process scores its share of the rows; the shares are gathered, so that advantages, KL
             # penalties and PPO's whitening are computed over the whole rollout, as with one process.
@@ -297,6 +308,7 @@ def run_online(
                 if critic is not None:
                     old_values = gathered([critic_values(critic, *s.rows(r, device), o) for r, o in outs], s)
                 del outs
+        t_scored = time.perf_counter()
         targets = None
         if isinstance(alg, RLOO):
             kl = torch.zeros_like(s.rewards)
@@ -369,6 +381,7 @@ def run_online(
             "tied_groups_trained": float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0,
             "completion_length": float(s.lengths.mean()), "truncated": float(s.truncated.double().mean()),
             "grad_norm": float(grad_norm), "lr": lr, "step_time_s": time.perf_counter() - t0,
+            "sample_time_s": t_sampled - t0, "score_time_s": t_scored - t_sampled,
         }  # fmt: skip
         if "clipped_low_tokens" in sums:
             figures["clip_low"] = sums["clipped_low_tokens"] / tokens

@@ -44,6 +44,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
     """(prompt, chosen, rejected) pairs, scored in one concatenated forward per micro-batch."""
 
     unit = "examples"
+    layouts = ("padded", "packed", "shared_prefix")
     algorithm_type = PreferenceAlgorithm
     algorithm: PreferenceAlgorithm
 
@@ -55,7 +56,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
         return load_pair_records(self, source, split)
 
     def collate(self, records: Sequence[PreferenceRecord]) -> PairBatch:
-        return collate_pairs(records, self.tokenizer.pad_token_id)
+        return collate_pairs(records, self.tokenizer.pad_token_id, self.layout)
 
     def counts(self, records: Sequence[PreferenceRecord]) -> Counts:
         return pair_counts(records)
@@ -78,7 +79,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
         pad_id = self.tokenizer.pad_token_id
 
         def compute(model: nn.Module, records: list[PreferenceRecord]) -> dict[str, Tensor]:
-            chosen, rejected = compute_pair_logps(self.score, model, records, pad_id, micro)
+            chosen, rejected = compute_pair_logps(self.score, model, records, pad_id, micro, self.layout)
             return {"chosen": chosen, "rejected": rejected}
 
         tables = self.cached_reference_tables(policy, splits, resumed, compute)
@@ -102,7 +103,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
         sums.add("loss", out.loss)
         for name, value in out.metrics.items():
             sums.add(name, value)
-        sums.add("policy_chosen_logps", policy.chosen_logps)
+        sums.add("policy_chosen_logps", policy.chosen_logps)  # per pair, whatever the layout
         sums.add("policy_rejected_logps", policy.rejected_logps)
         sums.add("policy_prefers_chosen", (policy.chosen_logps > policy.rejected_logps).float())
         sums.add("chosen_length", policy.chosen_lengths)

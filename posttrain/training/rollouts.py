@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from posttrain import distributed
 from posttrain.config import TrainConfig
-from posttrain.data.collate import pad_completions
+from posttrain.data.collate import pack_units, pad_completions
 from posttrain.data.prompts import PromptRecord, repeat_columns
 from posttrain.model.load import autocast
 from posttrain.model.logps import TokenLogps, completion_logps
@@ -42,21 +42,72 @@ class Samples:
 
 
 class Scorer:
-    """Log-probs of samples under a model, at the sampling temperature and the run's precision."""
+    """Log-probs of samples under a model, at the sampling temperature and the run's precision.
 
-    def __init__(self, config: TrainConfig, device: torch.device, temperature: float | None = None) -> None:
+    ``layout`` (see :func:`posttrain.model.spans.resolve_layout`): ``padded`` scores the rollout's padded
+    rows as they are; ``packed`` and ``shared_prefix`` lay a micro-batch's rows out in one row without
+    padding (``shared_prefix``: consecutive rows of the same prompt, a GRPO group, share one copy of it)
+    and put the log-probs back in the rollout's (N, T) positions, so every loss reads them alike. Rows whose
+    hidden states are asked for (a value head on the policy's trunk) are scored padded.
+    """
+
+    def __init__(
+        self, config: TrainConfig, device: torch.device, temperature: float | None = None, layout: str = "padded"
+    ) -> None:
         self.config = config
         self.device = device
         self.temperature = config.generation.temperature if temperature is None else temperature
+        self.layout = layout
 
     def __call__(
         self, model: nn.Module, s: Samples, rows: slice | Tensor, entropy: bool = False, hidden: bool = False
     ) -> TokenLogps:
         with autocast(self.config.precision, self.device):
+            if self.layout != "padded" and not hidden:
+                return self._packed(model, s, rows, entropy)
             return completion_logps(
                 model, *s.rows(rows, self.device), temperature=self.temperature,
                 chunk_size=self.config.logps_chunk_size, with_entropy=entropy, with_hidden=hidden,
             )  # fmt: skip
+
+    def _packed(self, model: nn.Module, s: Samples, rows: slice | Tensor, entropy: bool) -> TokenLogps:
+        input_ids, attention_mask, loss_mask = s.rows(rows, torch.device("cpu"))
+        completion = s.lengths[rows].long()
+        units: list[tuple[list[int], list[list[int]]]] = []
+        owners: list[list[int]] = []  # the rows of each unit's completions
+        at_row: list[int] = []  # per completion token of the packed row, in its order: the rollout row ...
+        at_col: list[int] = []  # ... and column it belongs to
+        for i in range(input_ids.shape[0]):
+            end = int(attention_mask[i].sum())
+            start = end - int(completion[i])
+            prompt, tokens = input_ids[i, :start].tolist(), input_ids[i, start:end].tolist()
+            if self.layout == "shared_prefix" and units and units[-1][0] == prompt:
+                units[-1][1].append(tokens)
+                owners[-1].append(i)
+            else:
+                units.append((prompt, [tokens]))
+                owners.append([i])
+        for unit, rows_of in zip(units, owners, strict=True):
+            for tokens, i in zip(unit[1], rows_of, strict=True):
+                end = int(attention_mask[i].sum())
+                at_row += [i] * len(tokens)
+                at_col += range(end - len(tokens), end)
+        packed = pack_units(units, share_prefix=self.layout == "shared_prefix", sequence_ids=owners)
+        device = self.device
+        out = completion_logps(
+            model, packed.input_ids.to(device), packed.attention_mask.to(device), packed.loss_mask.to(device),
+            temperature=self.temperature, chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
+            position_ids=packed.position_ids.to(device), spans=packed.spans,
+        )  # fmt: skip
+        where = (torch.tensor(at_row, device=device), torch.tensor(at_col, device=device))
+        mask = loss_mask.to(device).bool()
+
+        def unpack(values: Tensor) -> Tensor:  # packed completion tokens -> the rollout's (N, T) positions
+            flat = values[packed.loss_mask.to(device)]
+            return torch.zeros(mask.shape, dtype=flat.dtype, device=device).index_put(where, flat) * mask
+
+        ent = unpack(out.entropy) if out.entropy is not None else None
+        return TokenLogps(logps=unpack(out.logps), mask=mask, entropy=ent)
 
 
 def sample(

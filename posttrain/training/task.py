@@ -22,13 +22,14 @@ from tqdm import tqdm
 
 from posttrain import distributed
 from posttrain.algorithms.base import Algorithm
-from posttrain.config import TrainConfig
+from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.tokenize import Renderer, TruncationStats
 from posttrain.model import embedded
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm
 from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.model.lora import adapters_off, is_lora
 from posttrain.model.reference import cached_tensors, fingerprint, weights_digest
+from posttrain.model.spans import resolve_layout
 from posttrain.training.metrics import MetricSums
 
 R = TypeVar("R")
@@ -59,6 +60,10 @@ class OfflineTask(ABC, Generic[R, B]):
     algorithm_type: ClassVar[type[Algorithm]] = Algorithm
     """The algorithm classes this task serves; subclasses narrow ``algorithm``'s annotation to match."""
     algorithm: Algorithm
+    layouts: ClassVar[tuple[str, ...]] = ("padded",)
+    """Batch layouts this task can lay its records out in (config ``layout``); ``auto`` picks the last."""
+    layout: str = "padded"
+    """The layout in force, set by :meth:`choose_layout` once the policy is loaded."""
 
     def __init__(self, config: TrainConfig, tokenizer: Any, device: torch.device) -> None:
         if not isinstance(config.algorithm, self.algorithm_type):
@@ -83,6 +88,23 @@ class OfflineTask(ABC, Generic[R, B]):
     # ---- models
     def load_model(self, name: str, trainable: bool = True) -> nn.Module:
         return load_causal_lm(name, trainable=trainable, gradient_checkpointing=self.config.gradient_checkpointing)
+
+    def choose_layout(self, policy: nn.Module) -> str:
+        """Resolve ``config.layout`` for this task and model (see :func:`posttrain.model.spans.resolve_layout`)."""
+        requested = self.config.layout
+        if requested not in ("auto", *self.layouts):
+            raise ConfigError(
+                f"layout: {requested} is not available for method {self.config.method} "
+                f"(it lays out {', '.join(self.layouts)}); use layout: auto"
+            )
+        model = policy.get_base_model() if is_lora(policy) else policy  # type: ignore[operator]
+        try:
+            self.layout = resolve_layout(
+                requested, self.layouts[-1], model, self.config.gradient_checkpointing, self.config.data.max_length
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return self.layout
 
     def prepare_references(self, policy: nn.Module, splits: dict[str, list[R]], resumed: bool) -> None:
         """Build the reference for each split (a frozen copy, a cache or nothing). Default: nothing."""
@@ -175,8 +197,12 @@ class OfflineTask(ABC, Generic[R, B]):
         device = next(model.parameters()).device
         with self.autocast():
             position_ids = getattr(batch, "position_ids", None)  # set by packing collators
+            sequence = getattr(batch, "sequence", None)  # set by the span layouts (packed, shared_prefix)
             return completion_logps(
                 model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device),
                 chunk_size=self.config.logps_chunk_size,
                 position_ids=None if position_ids is None else position_ids.to(device),
+                spans=getattr(batch, "spans", None),
+                sequence=None if sequence is None else sequence.to(device),
+                num_sequences=getattr(batch, "num_sequences", 0),
             )  # fmt: skip
