@@ -128,11 +128,16 @@ def main(spec_path: str) -> None:
         n, per = g["num_generations"], g["prompts_per_step"]
         prompts = ids["prompts"]
         samples = per * n
+        shared = result.summary.get("layout") == "shared_prefix"  # each group's prompt scored once
         for step, line in enumerate(lines):
-            prompt_tokens = n * sum(len(prompts[i]) for i in batch_indices(step, len(prompts), per, seed))
-            tokens = prompt_tokens + round(line["completion_length"] * samples)
+            lengths = [len(prompts[i]) for i in batch_indices(step, len(prompts), per, seed)]
+            completions = round(line["completion_length"] * samples)
+            tokens = n * sum(lengths) + completions
             trained.append(tokens)
-            nograd.append(2 * tokens if g["beta"] > 0 else tokens)  # generation (+ the reference forward)
+            # shared: a group is its prompt, then each completion after one repeated prompt token but the first
+            computed_trained.append(sum(lengths) + completions + (n - 1) * per if shared else tokens)
+            # generation (each sample's prompt prefilled on its own row) + the reference forward
+            nograd.append(tokens + (computed_trained[-1] if g["beta"] > 0 else 0))
     elif method == "kto":
         records = ids["kto"]
         samples = spec["batch_size"]

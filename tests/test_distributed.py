@@ -155,6 +155,7 @@ class Runs:
         ppo = {"num_generations": 2, "num_mini_batches": 2, "ppo_epochs": 2}
         specs: dict[str, tuple[str, str, Path, dict[str, Any]]] = {
             "dpo": ("cli", "dpo", pairs, {"save_steps": 1}),
+            "dpo_cached": ("cli", "dpo", pairs, {"reference": {"kind": "cached", "cache_dir": "CACHE"}}),
             "sft": ("cli", "sft", pairs, {}),
             "kto": ("cli", "kto", pairs, {}),
             "reward": ("cli", "reward", pairs, {}),
@@ -178,6 +179,8 @@ class Runs:
         """Scenario ``scenario`` writing to ``where / scenario``; ``extra`` overrides job keys (``name`` ...)."""
         job = json.loads(json.dumps(self.jobs[scenario]))
         job["config"]["output_dir"] = str(where / scenario)
+        if job["config"].get("reference", {}).get("cache_dir") == "CACHE":  # a cold cache for each launch
+            job["config"]["reference"]["cache_dir"] = str(where / f"{scenario}.refcache")
         job["grads"] = str(where / f"{scenario}.grads.pt")
         job.update(extra)
         return job
@@ -275,7 +278,20 @@ def assert_same_grads(single: Path, double: Path) -> None:
             torch.testing.assert_close(y, x, rtol=1e-5, atol=2e-5 * float(x.abs().max()), msg=f"tensor {i}")
 
 
-SCENARIOS = ["dpo", "sft", "kto", "reward", "dpo_lora", "dpo_fsdp2", "dpo_lora_fsdp2", "grpo", "dapo", "rloo", "ppo"]
+SCENARIOS = [
+    "dpo",
+    "dpo_cached",
+    "sft",
+    "kto",
+    "reward",
+    "dpo_lora",
+    "dpo_fsdp2",
+    "dpo_lora_fsdp2",
+    "grpo",
+    "dapo",
+    "rloo",
+    "ppo",
+]
 ITERATIVE = {"num_generations": 3, "rounds": 2, "steps_per_round": 2, "reference_update": "initial", "beta": 0.1}
 RESUMED = ("dpo", "dpo_fsdp2")
 
@@ -285,6 +301,21 @@ def test_two_processes_train_what_one_trains(name: str, runs: Runs) -> None:
     assert runs.statuses[name] == 0, runs.log[-6000:]
     assert_same_grads(runs.single / f"{name}.grads.pt", runs.double / f"{name}.grads.pt")
     assert_same_run(runs.single / name, runs.double / name)
+
+
+def test_two_processes_compute_the_reference_cache_together(runs: Runs) -> None:
+    """Each process scores half of the pairs; the gathered table (written once per disk) is the whole one,
+    in record order, the table one process computes alone (the same file name: the same fingerprint)."""
+    from safetensors.torch import load_file
+
+    one = sorted((runs.single / "dpo_cached.refcache").glob("*.safetensors"))
+    two = sorted((runs.double / "dpo_cached.refcache").glob("*.safetensors"))
+    assert [p.name for p in one] == [p.name for p in two] and one
+    for a, b in zip(one, two, strict=True):
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys() == {"chosen", "rejected"}
+        for k in ta:
+            torch.testing.assert_close(tb[k], ta[k], rtol=1e-6, atol=1e-5)
 
 
 def test_ppo_critic_is_the_same(runs: Runs) -> None:

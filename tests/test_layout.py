@@ -137,14 +137,15 @@ def test_unpaired_packed_equals_padded(model: PreTrainedModel) -> None:
 def test_auto_layout_falls_back_where_span_attention_is_not_exact(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     llama = build_model(tiny_tokenizer, arch="llama")
     gemma = build_model(tiny_tokenizer, arch="gemma2")  # attention soft-capping and a 16-token window
-    assert resolve_layout("auto", "shared_prefix", llama, False, 512) == "shared_prefix"
-    assert resolve_layout("auto", "packed", llama, False, 512) == "packed"
-    assert resolve_layout("auto", "shared_prefix", llama, True, 512) == "padded"  # gradient checkpointing
-    assert resolve_layout("auto", "shared_prefix", gemma, False, 512) == "padded"
+    assert resolve_layout("auto", "shared_prefix", llama, 512) == "shared_prefix"
+    assert resolve_layout("auto", "packed", llama, 512) == "packed"
+    assert resolve_layout("auto", "shared_prefix", gemma, 512) == "padded"
+    assert resolve_layout("auto", "padded", llama, 512) == "padded"
     with pytest.raises(ValueError, match="soft-caps"):
-        resolve_layout("packed", "shared_prefix", gemma, False, 512)
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        resolve_layout("shared_prefix", "shared_prefix", llama, True, 512)
+        resolve_layout("packed", "shared_prefix", gemma, 512)
+    qwen = build_model(tiny_tokenizer, arch="qwen2", sliding_window=32, use_sliding_window=True)
+    with pytest.raises(ValueError, match="sliding window"):
+        resolve_layout("packed", "shared_prefix", qwen, 512)
 
 
 def test_span_attention_restores_the_implementation_after_an_error(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
@@ -184,6 +185,19 @@ def test_runs_in_every_layout_match_padded(
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, a["step"])
     summary = json.loads((tmp_path / layout / "summary.json").read_text())
     assert summary["layout"] == layout
+
+
+def test_gradient_checkpointing_recomputes_under_span_attention(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """Checkpointed layers recompute their attention in backward: with the shared-prefix layout that must
+    still be span attention (else the recomputed rejected tokens would attend to the chosen ones)."""
+    a = train_figures(tiny_model_dir, pairs_file, tmp_path / "a", method="dpo", layout="padded")
+    b = train_figures(tiny_model_dir, pairs_file, tmp_path / "b", method="dpo", layout="shared_prefix",
+                      gradient_checkpointing=True)  # fmt: skip
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "policy_margin", "accuracy"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (key, x["step"])
 
 
 def test_an_explicit_layout_the_method_lacks_is_a_config_error(

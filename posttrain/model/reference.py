@@ -147,7 +147,7 @@ def compute_pair_logps(
     batch_size: int,
     layout: str = "padded",
 ) -> tuple[Tensor, Tensor]:
-    """One no-grad pass over ``records``: (chosen, rejected) summed log-probs, each (N,) in record order,
+    """One no-grad pass over ``records``: (chosen, rejected) summed log-probs, each (N,) in ``records`` order,
     in batches of ``batch_size`` pairs laid out in ``layout``."""
     chosen = torch.empty(len(records))
     rejected = torch.empty(len(records))
@@ -156,9 +156,14 @@ def compute_pair_logps(
         for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
             batch = collate_pairs(records[start : start + batch_size], pad_id, layout)
             out = score(model, batch)
-            chosen[batch.index] = out.chosen_logps.float().cpu()
-            rejected[batch.index] = out.rejected_logps.float().cpu()
+            # By position in ``records`` (a process's share of a split starts anywhere in it).
+            chosen[start : start + batch.num_pairs] = out.chosen_logps.float().cpu()
+            rejected[start : start + batch.num_pairs] = out.rejected_logps.float().cpu()
     return chosen, rejected
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"{key}.safetensors"
 
 
 def cached_tensors(
@@ -166,11 +171,13 @@ def cached_tensors(
     key: str,
     compute: Callable[[], dict[str, Tensor]],
     log: Callable[[str], None] = print,
+    reuse: bool = True,
 ) -> dict[str, Tensor]:
     """Load the named tensors cached for ``key``, or compute and store them (written to a temporary name,
-    then renamed, so a killed run never leaves a half-written file under the final name)."""
-    path = cache_dir / f"{key}.safetensors"
-    if path.exists():
+    then renamed, so a killed run never leaves a half-written file under the final name). ``reuse=False``
+    computes even when the file exists (processes that must compute together, see OfflineTask)."""
+    path = cache_path(cache_dir, key)
+    if reuse and path.exists():
         tensors = load_file(str(path))
         log(f"reference log-probs: reused cache {path}")
         return tensors

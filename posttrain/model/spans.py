@@ -21,8 +21,8 @@ padding and nothing across sequences, instead of a (T x T) mask over the whole r
 The seam into transformers is its attention registry: :func:`span_attention` switches a model's attention
 implementation to ``posttrain_spans`` for one forward, and the spans travel as the ``posttrain_spans``
 keyword argument, which transformers' decoders pass through to every attention layer. A layer that
-recomputes its forward during backward (gradient checkpointing) would run outside that switch, so
-:func:`resolve_layout` never picks a span layout with gradient checkpointing on.
+recomputes its forward during backward (gradient checkpointing) must find the switch on then too: the
+loops run each backward of a span layout inside :func:`span_attention` as well (re-entrant).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def attention_implementation(model: nn.Module) -> str | None:
     return impl if isinstance(impl, str) else None
 
 
-def span_obstacle(model: nn.Module, gradient_checkpointing: bool, longest: int) -> str | None:
+def span_obstacle(model: nn.Module, longest: int) -> str | None:
     """Why span attention cannot score this model exactly, or None when it can.
 
     ``longest``: the longest sequence a block can hold (a sliding window shorter than it would be ignored).
@@ -119,30 +119,32 @@ def span_obstacle(model: nn.Module, gradient_checkpointing: bool, longest: int) 
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) is not False and window < longest:
         return f"the model's sliding window ({window}) is shorter than a sequence can be ({longest})"
-    if gradient_checkpointing:
-        return "gradient_checkpointing recomputes layers in backward, outside the span-attention switch"
     return None
 
 
-def resolve_layout(requested: str, best: str, model: nn.Module, gradient_checkpointing: bool, longest: int) -> str:
+def resolve_layout(requested: str, best: str, model: nn.Module, longest: int) -> str:
     """The layout a run uses: ``auto`` is ``best`` where span attention is exact (or ``best`` is padded),
     else ``padded``. An explicit span layout that the model cannot take raises ``ValueError`` naming why.
     """
     if requested == "auto":
         requested = best
-        if best == "padded" or span_obstacle(model, gradient_checkpointing, longest):
+        if best == "padded" or span_obstacle(model, longest):
             return "padded"
     if requested == "padded":
         return requested
-    obstacle = span_obstacle(model, gradient_checkpointing, longest)
+    obstacle = span_obstacle(model, longest)
     if obstacle:
         raise ValueError(f"layout: {requested} is not possible here: {obstacle}; use layout: padded (or auto)")
     return requested
 
 
 @contextlib.contextmanager
-def span_attention(model: nn.Module) -> Iterator[None]:
-    """Score ``model`` with span attention inside the block (its own implementation is restored after)."""
+def span_attention(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Score ``model`` with span attention inside the block (its own implementation is restored after);
+    ``on=False``: leave it as it is (a padded layout)."""
+    if not on:
+        yield
+        return
     config: Any = model.config
     before = config._attn_implementation
     _register()

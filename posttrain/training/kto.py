@@ -84,14 +84,14 @@ def compute_unpaired_logps(
     batch_size: int,
     layout: str = "padded",
 ) -> dict[str, Tensor]:
-    """One no-grad pass: ``completion`` and ``kl`` summed log-probs, each (N,) float32 in record order."""
+    """One no-grad pass: ``completion`` and ``kl`` summed log-probs, each (N,) float32 in ``records`` order."""
     out = {"completion": torch.empty(len(records)), "kl": torch.empty(len(records))}
     starts = range(0, len(records), batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
             for name in out:
                 batch = collate_unpaired(records[start : start + batch_size], pad_id, name == "kl", layout)
-                out[name][batch.index] = score(model, batch).float().cpu()
+                out[name][start : start + len(batch)] = score(model, batch).float().cpu()  # by position
     return out
 
 

@@ -29,6 +29,7 @@ from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig, load
 from posttrain.model import lora
 from posttrain.model.load import load_tokenizer
+from posttrain.model.spans import span_attention
 from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
@@ -293,7 +294,9 @@ def run(
         for mb_start in range(0, len(mine), micro):
             batch = task.collate(mine[mb_start : mb_start + micro])
             tokens += int(batch.attention_mask.sum())
-            task.loss(policy, batch, "train", counts, sums, context).backward()
+            # Span layouts: gradient checkpointing recomputes attention in backward, under the same switch.
+            with span_attention(policy, on=task.layout != "padded"):
+                task.loss(policy, batch, "train", counts, sums, context).backward()
         distributed.reduce_gradients(params)  # the processes' shares summed: the whole batch's gradient
         grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm or math.inf)
         lr = scheduler.get_last_lr()[0]

@@ -34,7 +34,7 @@ from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_cli
 from posttrain.model import lora
 from posttrain.model.load import evaluation_mode, freeze, load_causal_lm, load_tokenizer
 from posttrain.model.logps import TokenLogps
-from posttrain.model.spans import resolve_layout
+from posttrain.model.spans import resolve_layout, span_attention
 from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
@@ -186,7 +186,7 @@ def run_online(
     base = policy.get_base_model() if lora.is_lora(policy) else policy  # type: ignore[operator]
     longest = config.data.prompt_limit + gen.max_new_tokens
     try:
-        layout = resolve_layout(config.layout, "shared_prefix", base, config.gradient_checkpointing, longest)
+        layout = resolve_layout(config.layout, "shared_prefix", base, longest)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     log(f"layout: {layout}")
@@ -347,7 +347,8 @@ def run_online(
                         loss, metrics = grpo_loss(alg, cur, old_r, ref_r, adv, counts, gen.max_new_tokens)
                     else:
                         loss, metrics = rloo_loss_of(cur, advantages[r].to(device), counts)
-                    loss.backward()
+                    with span_attention(policy, on=layout != "padded"):  # (recomputed layers: see spans.py)
+                        loss.backward()
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                     for name, value in metrics.items():
                         sums[name] = sums.get(name, 0.0) + float(value.sum())

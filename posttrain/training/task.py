@@ -28,7 +28,7 @@ from posttrain.model import embedded
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm
 from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.model.lora import adapters_off, is_lora
-from posttrain.model.reference import cached_tensors, fingerprint, weights_digest
+from posttrain.model.reference import cache_path, cached_tensors, fingerprint, weights_digest
 from posttrain.model.spans import resolve_layout
 from posttrain.training.metrics import MetricSums
 
@@ -99,9 +99,7 @@ class OfflineTask(ABC, Generic[R, B]):
             )
         model = policy.get_base_model() if is_lora(policy) else policy  # type: ignore[operator]
         try:
-            self.layout = resolve_layout(
-                requested, self.layouts[-1], model, self.config.gradient_checkpointing, self.config.data.max_length
-            )
+            self.layout = resolve_layout(requested, self.layouts[-1], model, self.config.data.max_length)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return self.layout
@@ -144,23 +142,30 @@ class OfflineTask(ABC, Generic[R, B]):
 
         The key fingerprints the reference weights and architecture, the split's token ids and the
         precision. A separately loaded reference model goes out of scope on return: nothing stays in memory.
+        With several processes, each computes its share of a split and the shares are gathered; every
+        process writes the file atomically where it does not see it (a disk per node, or one shared).
         """
         config = self.config
         model, context = self.reference_model(policy, resumed, for_copy=False)
         cache_dir = Path(config.reference.cache_dir or embedded.cache_root() / "reference")
         digest = weights_digest(model)
         tables: dict[str, dict[str, Tensor]] = {}
+        log = tqdm.write if distributed.is_main() else print_nothing
         with evaluation_mode(model):
             for name, records in splits.items():
 
                 def run(r: list[R] = records) -> dict[str, Tensor]:
+                    # Several processes: each scores its contiguous share, the shares are gathered in rank
+                    # order, so every process holds the whole table for a world_size-th of the work.
+                    part = r[distributed.shard(len(r))]
                     with context():
-                        return compute(model, r)
+                        local = compute(model, part)
+                    return {k: distributed.gather_rows(v) for k, v in local.items()}
 
                 key = fingerprint(digest, records, config.precision)
-                # Each process computes (or reads) the whole table itself: no collective, so no process
-                # waits on another's cache (the write is atomic per process).
-                stored = cached_tensors(cache_dir, key, run, log=tqdm.write if distributed.is_main() else print_nothing)
+                # Reuse only when every process sees the file (nodes without a shared disk compute together).
+                found = all(distributed.all_gather_objects(cache_path(cache_dir, key).exists()))
+                stored = cached_tensors(cache_dir, key, run, log=log, reuse=found)
                 tables[name] = {k: v.to(self.device) for k, v in stored.items()}
         return tables
 
