@@ -174,6 +174,15 @@ def build_fixtures(s: Settings, work: Path) -> dict[str, Any]:
             "vocab_size": len(tokenizer), "build_s": time.perf_counter() - t0}  # fmt: skip
 
 
+def settle_load(limit: float = 0.5, wait_s: float = 120.0) -> float:
+    """The 1-minute load average once it is below ``limit`` (it decays for a minute or two after earlier
+    work), waiting at most ``wait_s`` seconds: the load the runs start under."""
+    deadline = time.perf_counter() + wait_s
+    while os.getloadavg()[0] > limit and time.perf_counter() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def measure_peak(threads: int, seconds: float, n: int) -> dict[str, float]:
     """fp32 matmul peak (FLOP/s) on ``threads`` threads: the best of repeated n x n torch.matmul bursts."""
     import torch
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fixtures: vocab {fx['vocab_size']}, models {sizes_text}, prompt tokens "
               f"{fx['lengths']['prompt_tokens']}, completion tokens {fx['lengths']['completion_tokens']} "
               f"({fx['build_s']:.0f} s)", flush=True)  # fmt: skip
-        load_before = os.getloadavg()[0]
+        load_before = settle_load()
         peak = measure_peak(s.threads, s.peak_seconds, s.peak_n)
         print(f"fp32 matmul peak on {s.threads} threads: {peak['flops'] / 1e9:.1f} GFLOP/s "
               f"(load average {load_before:.2f})", flush=True)  # fmt: skip
@@ -386,10 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             n_params = fx["models"][case.model_key]["non_embedding"]
             row["figures"] = {tool: figures(r, case, s, n_params, peak["flops"]) for tool, r in row["raw"].items()}
         notes = []
-        busy = max(load_before, os.getloadavg()[0])
-        if busy > 0.5:
+        # Only the load before the runs says whether others used the machine: afterwards it is the runs' own.
+        if load_before > 0.5:
             notes.append(
-                f"The machine was not idle (1-minute load average {busy:.2f} before or after the runs): other "
+                f"The machine was not idle (1-minute load average {load_before:.2f} before the runs): other "
                 "processes shared the CPU, so these timings and the measured peak (hence MFU) are not reliable."
             )
         if "42m" in s.sizes and s.methods != ["dpo"]:
