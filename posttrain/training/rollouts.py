@@ -75,23 +75,20 @@ class Scorer:
         completion = s.lengths[rows].long()
         units: list[tuple[list[int], list[list[int]]]] = []
         owners: list[list[int]] = []  # the rows of each unit's completions
-        at_row: list[int] = []  # per completion token of the packed row, in its order: the rollout row ...
-        at_col: list[int] = []  # ... and column it belongs to
+        columns: list[range] = []  # each row's completion columns (right-padded rows)
         for i in range(input_ids.shape[0]):
             end = int(attention_mask[i].sum())
-            start = end - int(completion[i])
-            prompt, tokens = input_ids[i, :start].tolist(), input_ids[i, start:end].tolist()
+            columns.append(range(end - int(completion[i]), end))
+            prompt, tokens = input_ids[i, : columns[i].start].tolist(), input_ids[i, columns[i].start : end].tolist()
             if self.layout == "shared_prefix" and units and units[-1][0] == prompt:
                 units[-1][1].append(tokens)
                 owners[-1].append(i)
             else:
                 units.append((prompt, [tokens]))
                 owners.append([i])
-        for unit, rows_of in zip(units, owners, strict=True):
-            for tokens, i in zip(unit[1], rows_of, strict=True):
-                end = int(attention_mask[i].sum())
-                at_row += [i] * len(tokens)
-                at_col += range(end - len(tokens), end)
+        # The packed row's completion tokens in its order (unit after unit): their rollout row and column.
+        at_row = [i for rows_of in owners for i in rows_of for _ in columns[i]]
+        at_col = [c for rows_of in owners for i in rows_of for c in columns[i]]
         packed = pack_units(units, share_prefix=self.layout == "shared_prefix", sequence_ids=owners)
         device = self.device
         out = completion_logps(
