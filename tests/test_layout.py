@@ -143,6 +143,11 @@ def test_auto_layout_falls_back_where_span_attention_is_not_exact(tiny_tokenizer
     assert resolve_layout("auto", "padded", llama, 512) == "padded"
     with pytest.raises(ValueError, match="soft-caps"):
         resolve_layout("packed", "shared_prefix", gemma, 512)
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
+                                         attention_types=[[["global"], 2]], max_position_embeddings=64))  # fmt: skip
+    assert resolve_layout("auto", "shared_prefix", neo, 512) == "padded"  # its attention would drop the spans
     qwen = build_model(tiny_tokenizer, arch="qwen2", sliding_window=32, use_sliding_window=True)
     with pytest.raises(ValueError, match="sliding window"):
         resolve_layout("packed", "shared_prefix", qwen, 512)

@@ -121,6 +121,15 @@ def test_shared_trunk_and_adaptive_kl_run(tiny_model_dir: Path, prompts_file: Pa
     assert (tmp_path / "sh" / "critic" / "value_head.safetensors").exists()
 
 
+def test_shared_trunk_with_gradient_checkpointing(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
+    """The trunk's rows are scored padded (its hidden states are the value head's input), so their
+    checkpointed layers recompute without span attention while the reference is scored with shared prompts."""
+    cfg = ppo_config(tiny_model_dir, prompts_file, tmp_path / "gc", max_steps=2, share_trunk=True,
+                     gradient_checkpointing=True)  # fmt: skip
+    steps = run(cfg)
+    assert len(steps) == 2 and all(m["loss"] == m["loss"] for m in steps)  # ran, no NaN
+
+
 def test_early_stop_on_the_old_to_new_kl(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
     steps = run(ppo_config(tiny_model_dir, prompts_file, tmp_path / "es", max_steps=3, ppo_epochs=6, target_kl=1e-6,
                            learning_rate=1e-2))  # fmt: skip

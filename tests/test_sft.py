@@ -146,8 +146,9 @@ def test_packing_scores_each_example_as_alone(arch: str) -> None:
     def scores(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad()
         out = completion_logps(
-            model, batch.input_ids, batch.attention_mask, batch.loss_mask, position_ids=batch.position_ids
-        )
+            model, batch.input_ids, batch.attention_mask, batch.loss_mask, position_ids=batch.position_ids,
+            spans=batch.spans,
+        )  # fmt: skip
         flat = out.logps[out.mask]  # completion tokens in record order, whatever the layout
         flat.sum().backward()  # the total log-likelihood: its gradient does not depend on the layout
         return flat.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -169,15 +170,26 @@ def test_packing_scores_each_example_as_alone(arch: str) -> None:
         torch.testing.assert_close(
             grads_packed[name], grads_padded[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
+    if arch == "gemma2":  # soft-capped attention: span attention does not apply (layout auto stays padded)
+        return
+    # The same rows scored with span attention (layout: packed): one causal block per record.
+    flat_spans, grads_spans = scores(collate_packed(records, pad_id=tok.pad_token_id, max_length=16, spans=True))
+    torch.testing.assert_close(flat_spans, expected, rtol=1e-10, atol=1e-10)
+    for name in grads_padded:
+        torch.testing.assert_close(grads_spans[name], grads_padded[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
 def test_packed_sft_run_matches_padded(tiny_model_dir: Path, sft_file: Path, tmp_path: Path) -> None:
     """The whole loop with packing gives the same step losses as without (same tokens, same global count)."""
     runs = []
-    for packing in (False, True):
-        cfg = sft_config(tiny_model_dir, sft_file, tmp_path / f"p{packing}", max_steps=3, packing=packing)
+    for packing, layout in ((False, "auto"), (True, "padded"), (True, "auto")):
+        out = tmp_path / f"p{packing}-{layout}"
+        cfg = sft_config(tiny_model_dir, sft_file, out, max_steps=3, packing=packing, layout=layout)
         runs.append([m["loss"] for m in read_metrics(posttrain.train(cfg).metrics_path) if m["split"] == "train"])
-    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["layout"] == ("packed" if packing and layout == "auto" else "padded")
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)  # transformers' block-diagonal mask
+    assert runs[2] == pytest.approx(runs[0], rel=1e-5)  # span attention
 
 
 def test_sft_reads_implicit_prompt_preference_rows(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from posttrain.data.collate import pad_rows
 from posttrain.data.examples import Conversation
 from posttrain.data.formats import DataError, _Row, preference_example, read_rows
 from posttrain.data.tokenize import Renderer, TruncationStats
+from posttrain.model.spans import Spans
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class SequenceBatch:
     loss_mask: Tensor
     index: Tensor
     position_ids: Tensor | None = None
+    spans: Spans | None = None
+    """Packed rows scored with span attention: each record one block (see posttrain/model/spans.py)."""
 
 
 def sft_example(source: str, number: int, row: Any) -> SFTExample:
@@ -137,11 +140,15 @@ def collate_sequences(records: Sequence[SequenceRecord], pad_id: int) -> Sequenc
     return SequenceBatch(input_ids, attention_mask, loss_mask, torch.tensor([r.index for r in records]))
 
 
-def collate_packed(records: Sequence[SequenceRecord], pad_id: int, max_length: int) -> SequenceBatch:
+def collate_packed(
+    records: Sequence[SequenceRecord], pad_id: int, max_length: int, spans: bool = False
+) -> SequenceBatch:
     """Pack records, in order, into as few rows of at most ``max_length`` tokens as first-fit allows.
 
     Positions restart at 0 for each record, so the model masks attention block-diagonally and each record
     is scored exactly as alone (tested); trailing pads form their own block and are off the loss mask.
+    ``spans``: also give each row its records as span-attention blocks (``layout: packed``), so attention
+    costs each record's causal triangle instead of a (width x width) mask.
 
     >>> b = collate_packed([SequenceRecord((5, 6, 7), (False, True, True), 0),
     ...                     SequenceRecord((8, 9), (False, True), 1),
@@ -183,4 +190,11 @@ def collate_packed(records: Sequence[SequenceRecord], pad_id: int, max_length: i
         attention_mask[i, :at] = 1
         position_ids[i, at:] = torch.arange(width - at)
     index = torch.tensor([r.index for row in rows for r in row])
-    return SequenceBatch(input_ids, attention_mask, loss_mask, index, position_ids)
+    blocks = None
+    if spans:
+        starts = [[sum(len(x.input_ids) for x in row[:k]) for k in range(len(row))] for row in rows]
+        blocks = [
+            tuple(((at, at + len(r.input_ids)), 0) for at, r in zip(row_starts, row, strict=True))
+            for row_starts, row in zip(starts, rows, strict=True)
+        ]
+    return SequenceBatch(input_ids, attention_mask, loss_mask, index, position_ids, blocks)

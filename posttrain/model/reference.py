@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -183,7 +184,8 @@ def cached_tensors(
         return tensors
     tensors = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    # A name of this process's own: processes on several nodes may write to one shared disk with equal pids.
+    tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": CACHE_FORMAT})
     os.replace(tmp, path)
     log(f"reference log-probs: computed and cached at {path}")

@@ -112,6 +112,9 @@ def span_obstacle(model: nn.Module, longest: int) -> str | None:
     """
     config = getattr(model, "config", None)
     impl = attention_implementation(model)
+    if not getattr(type(model), "_supports_attention_backend", False):
+        # Bloom, GPT-Neo, Falcon ... compute attention themselves and would drop the spans unread.
+        return f"{type(model).__name__} does not dispatch its attention through transformers' attention registry"
     if impl not in _BASES:
         return f"the model's attention implementation {impl!r} is not one of {', '.join(_BASES)}"
     if getattr(config, "attn_logit_softcapping", None):

@@ -347,7 +347,8 @@ def run_online(
                         loss, metrics = grpo_loss(alg, cur, old_r, ref_r, adv, counts, gen.max_new_tokens)
                     else:
                         loss, metrics = rloo_loss_of(cur, advantages[r].to(device), counts)
-                    with span_attention(policy, on=layout != "padded"):  # (recomputed layers: see spans.py)
+                    # (recomputed layers: see spans.py; a shared trunk's rows are scored padded)
+                    with span_attention(policy, on=layout != "padded" and not shared):
                         loss.backward()
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                     for name, value in metrics.items():

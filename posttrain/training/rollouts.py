@@ -96,7 +96,8 @@ class Scorer:
             temperature=self.temperature, chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
             position_ids=packed.position_ids.to(device), spans=packed.spans,
         )  # fmt: skip
-        where = (torch.tensor(at_row, device=device), torch.tensor(at_col, device=device))
+        where = (torch.tensor(at_row, dtype=torch.long, device=device),
+                 torch.tensor(at_col, dtype=torch.long, device=device))  # fmt: skip
         mask = loss_mask.to(device).bool()
 
         def unpack(values: Tensor) -> Tensor:  # packed completion tokens -> the rollout's (N, T) positions

@@ -24,8 +24,17 @@ from posttrain.training.task import Counts, OfflineTask
 
 class SFTTask(OfflineTask[SequenceRecord, SequenceBatch]):
     unit = "tokens"
+    layouts = ("padded", "packed")
     algorithm_type = SFT
     algorithm: SFT
+
+    def choose_layout(self, policy: nn.Module) -> str:
+        """``packing: true`` (or ``layout: packed``) packs rows; ``auto`` scores them with span attention
+        where it is exact, else with transformers' block-diagonal mask (layout ``padded``)."""
+        if self.config.layout == "auto" and not self.algorithm.packing:
+            self.layout = "padded"
+            return self.layout
+        return super().choose_layout(policy)
 
     def load_records(self, source: str, split: str) -> tuple[list[SequenceRecord], TruncationStats]:
         examples = load_sft(source, split)
@@ -34,8 +43,9 @@ class SFTTask(OfflineTask[SequenceRecord, SequenceBatch]):
         )
 
     def collate(self, records: Sequence[SequenceRecord]) -> SequenceBatch:
-        if self.algorithm.packing:
-            return collate_packed(records, self.tokenizer.pad_token_id, self.config.data.max_length)
+        if self.algorithm.packing or self.layout == "packed":
+            pad, width = self.tokenizer.pad_token_id, self.config.data.max_length
+            return collate_packed(records, pad, width, spans=self.layout == "packed")
         return collate_sequences(records, self.tokenizer.pad_token_id)
 
     def counts(self, records: Sequence[SequenceRecord]) -> Counts:
