@@ -20,4 +20,6 @@ class SFT(Algorithm):
     completion_only: bool = True
     packing: bool = False
     """Pack each micro-batch's examples into rows of up to ``data.max_length`` tokens (no padding between
-    them, no attention across them: transformers masks block-diagonally from the position resets)."""
+    them, no attention across them: span attention, one causal call per example, under ``layout: auto`` or
+    ``packed``; transformers' block-diagonal mask from the position resets where span attention is not
+    exact)."""
