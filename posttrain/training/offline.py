@@ -295,7 +295,7 @@ def run(
             batch = task.collate(mine[mb_start : mb_start + micro])
             tokens += int(batch.attention_mask.sum())
             # Span layouts: gradient checkpointing recomputes attention in backward, under the same switch.
-            with span_attention(policy, on=task.layout != "padded"):
+            with span_attention(policy, on=getattr(batch, "spans", None) is not None):
                 task.loss(policy, batch, "train", counts, sums, context).backward()
         distributed.reduce_gradients(params)  # the processes' shares summed: the whole batch's gradient
         grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm or math.inf)
