@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.examples import PreferenceRecord
+from posttrain.model.logps import sequence_counts
 from posttrain.model.spans import Spans
 
 LAYOUTS = ("padded", "packed", "shared_prefix")
@@ -108,13 +109,6 @@ def pack_units(
         spans=(tuple(blocks),),
         num_sequences=sum(len(c) for _, c in units),
     )
-
-
-def sequence_counts(loss_mask: Tensor, sequence: Tensor | None, num_sequences: int) -> Tensor:
-    """Completion tokens of each sequence: row sums when padded, per ``sequence`` id when packed."""
-    if sequence is None:
-        return loss_mask.sum(-1)
-    return torch.bincount(sequence[loss_mask.bool()], minlength=num_sequences)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,13 @@ from torch.utils.checkpoint import checkpoint
 from posttrain.model.spans import Spans, span_attention
 
 
+def sequence_counts(loss_mask: Tensor, sequence: Tensor | None, num_sequences: int) -> Tensor:
+    """Completion tokens of each sequence: row sums when padded, per ``sequence`` id when packed."""
+    if sequence is None:
+        return loss_mask.sum(-1)
+    return torch.bincount(sequence[loss_mask.bool()], minlength=num_sequences)
+
+
 @dataclass(frozen=True)
 class TokenLogps:
     """Per-token completion log-probs of a batch, aligned with ``input_ids``.
@@ -52,9 +59,7 @@ class TokenLogps:
     @property
     def counts(self) -> Tensor:
         """Number of completion tokens of each completion (rows, or sequences when packed)."""
-        if self.sequence is None:
-            return self.mask.sum(-1)
-        return self._per_sequence(self.mask.long())
+        return sequence_counts(self.mask, self.sequence, self.num_sequences)
 
     def _per_sequence(self, values: Tensor) -> Tensor:
         assert self.sequence is not None
