@@ -141,6 +141,10 @@ def test_auto_layout_falls_back_where_span_attention_is_not_exact(tiny_tokenizer
     assert resolve_layout("auto", "packed", llama, 512) == "packed"
     assert resolve_layout("auto", "shared_prefix", gemma, 512) == "padded"
     assert resolve_layout("auto", "padded", llama, 512) == "padded"
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(build_model(tiny_tokenizer, arch="llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert resolve_layout("auto", "shared_prefix", wrapped, 512) == "shared_prefix"  # the wrapped model decides
     with pytest.raises(ValueError, match="soft-caps"):
         resolve_layout("packed", "shared_prefix", gemma, 512)
     from transformers import GPTNeoConfig, GPTNeoForCausalLM

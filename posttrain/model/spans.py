@@ -110,6 +110,8 @@ def span_obstacle(model: nn.Module, longest: int) -> str | None:
 
     ``longest``: the longest sequence a block can hold (a sliding window shorter than it would be ignored).
     """
+    get_base = getattr(model, "get_base_model", None)  # a PEFT wrapper: judge the model it wraps
+    model = get_base() if callable(get_base) else model
     config = getattr(model, "config", None)
     impl = attention_implementation(model)
     if not getattr(type(model), "_supports_attention_backend", False):

@@ -183,10 +183,9 @@ def run_online(
     generator = make_generator(policy, tokenizer)
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
-    base = policy.get_base_model() if lora.is_lora(policy) else policy  # type: ignore[operator]
     longest = config.data.prompt_limit + gen.max_new_tokens
     try:
-        layout = resolve_layout(config.layout, "shared_prefix", base, longest)
+        layout = resolve_layout(config.layout, "shared_prefix", policy, longest)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     log(f"layout: {layout}")

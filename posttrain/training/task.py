@@ -97,9 +97,8 @@ class OfflineTask(ABC, Generic[R, B]):
                 f"layout: {requested} is not available for method {self.config.method} "
                 f"(it lays out {', '.join(self.layouts)}); use layout: auto"
             )
-        model = policy.get_base_model() if is_lora(policy) else policy  # type: ignore[operator]
         try:
-            self.layout = resolve_layout(requested, self.layouts[-1], model, self.config.data.max_length)
+            self.layout = resolve_layout(requested, self.layouts[-1], policy, self.config.data.max_length)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return self.layout
