@@ -174,7 +174,8 @@ class DistributedConfig:
     strategy: Strategy = "ddp"
     """``ddp``: a full replica of the model per process, gradients all-reduced once per optimizer step.
     ``fsdp2``: parameters, gradients and optimizer state sharded over the processes (FSDP2
-    ``fully_shard``): about 1/N of the training state each, more communication; offline methods only."""
+    ``fully_shard``): about 1/N of the training state each, more communication (online methods gather the
+    policy's weights for sampling; not with the vLLM backend)."""
 
 
 Scheduler = Literal["cosine", "linear", "constant"]

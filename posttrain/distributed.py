@@ -27,13 +27,15 @@ import atexit
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from posttrain.config import ConfigError
+
+T = TypeVar("T")
 
 BUCKET_BYTES = 64 * 2**20
 """Gradients are flattened and all-reduced in buckets of about this size (memory vs. number of calls)."""
@@ -223,6 +225,51 @@ def _fully_shard(model: nn.Module) -> None:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM / AVG
+
+
+@contextlib.contextmanager
+def full_weights(*models: nn.Module) -> Iterator[None]:
+    """Under ``fsdp2``, every FSDP unit of ``models`` gathered (all-gathered once, kept through any number
+    of forwards) for the block, resharded after it; nothing for a model that is not sharded.
+
+    For sampling: ``generate`` runs one forward per new token, and the processes' completions end at
+    different lengths, so gathering per forward (FSDP2's default) would need every process to run as many
+    forwards as the slowest. With the weights gathered once, each process decodes alone (what rollout
+    engines do with the trained weights too); memory: the full weights for the duration of the block,
+    gradients and optimizer state stay sharded. Every process must enter the block (the gather is
+    collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for model in models if is_sharded(model) for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    roots = [next(m for m in model.modules() if isinstance(m, FSDPModule)) for model in models if is_sharded(model)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:  # back to fully_shard's defaults: the root keeps its weights after forward, the rest not
+            unit.set_reshard_after_forward(not any(unit is r for r in roots), recurse=False)
+            unit.reshard()
+
+
+def lockstep(chunks: Sequence[T], model: nn.Module, filler: T) -> list[tuple[T, bool]]:
+    """``chunks`` (this process's micro-batches, empty ones dropped) as ``(chunk, real)`` pairs, padded with
+    ``(filler, False)`` to the largest number of chunks of any process when ``model`` is sharded.
+
+    FSDP2 gathers the weights in every forward and reduce-scatters gradients in every backward: collectives
+    that each process must reach as often as the others. A share of a batch that does not split evenly
+    (PPO's minibatches, a DAPO batch short of groups, an eval split) gives some processes a micro-batch
+    fewer; those run the filler instead and drop what it gives (a loss times 0 still runs backward)."""
+    pairs = [(c, True) for c in chunks if len(c)]  # type: ignore[arg-type] # (an empty share: nothing to run)
+    if not is_sharded(model):
+        return pairs
+    most = torch.tensor([len(pairs)], device=device())
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return pairs + [(filler, False)] * (int(most) - len(pairs))
 
 
 def reduce_gradients(params: Iterable[nn.Parameter]) -> None:

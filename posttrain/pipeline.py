@@ -277,7 +277,11 @@ def _resolve_stage_refs(value: Any, models: dict[str, str], label: str) -> Any:
 
 
 def _saved_differences(stage: Stage) -> list[str]:
-    """Keys whose saved value (``config.yaml`` of a finished run) differs from the stage's config now."""
+    """Keys whose saved value (``config.yaml`` of a finished run) differs from the stage's config now, less
+    those that do not change what is trained (how often to log or save, ``distributed``: a stage finished by
+    one process is the stage N processes would train)."""
+    from posttrain.training.offline import RESUME_MAY_CHANGE
+
     path = stage.output_dir / "config.yaml"
     if not path.is_file():
         return []
@@ -287,7 +291,11 @@ def _saved_differences(stage: Stage) -> list[str]:
         return ["config.yaml (unreadable)"]
     now = stage.config.to_dict()
     keys = sorted(set(saved) | set(now))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in keys
+        if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE
+    ]
 
 
 def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:

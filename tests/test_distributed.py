@@ -16,9 +16,10 @@ in this (single) process:
   by at most ``3e-9`` instead of up to ``lr`` in either direction, as with the default 1e-8,
 
 for DPO, SFT, KTO, reward models, GRPO, DAPO, RLOO, PPO and iterative DPO under ``ddp`` (scripted sampling:
-shards of the prompts draw what one process draws for all of them), DPO under ``fsdp2``, and LoRA under both.
-Checkpoints saved by two processes resume on one and the other way round (ddp and fsdp2), and equal an
-uninterrupted run.
+shards of the prompts draw what one process draws for all of them), DPO, GRPO, DAPO and PPO (with a
+minibatch that leaves one process without a row) under ``fsdp2``, and LoRA under both. With the transformers
+sampler, two fsdp2 processes draw and train what two ddp processes do. Checkpoints saved by two processes
+resume on one and the other way round (ddp and fsdp2, offline and online), and equal an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def run_scenario(job: dict[str, Any]) -> int:
         distributed.clip_grad_norm = grads_recorder(Path(job["grads"]))  # type: ignore[assignment]
     try:
         factory = lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m)  # noqa: E731
-        if job["kind"] == "online":
-            run_online(load(job["config"]), resume=job.get("resume", False), generator_factory=factory)
+        if job["kind"] in ("online", "online_hf"):
+            scripted = factory if job["kind"] == "online" else None
+            run_online(load(job["config"]), resume=job.get("resume", False), generator_factory=scripted)
             return 0
         if job["kind"] == "iterative":
             run_iterative(load(job["config"]), generator_factory=factory)
@@ -152,6 +154,7 @@ class Runs:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.statuses: dict[str, int] = {}  # exit status of each scenario of the two-process launch
         self.log = ""  # its output
+        self.double_only: set[str] = set()
         ppo = {"num_generations": 2, "num_mini_batches": 2, "ppo_epochs": 2}
         specs: dict[str, tuple[str, str, Path, dict[str, Any]]] = {
             "dpo": ("cli", "dpo", pairs, {"save_steps": 1}),
@@ -167,9 +170,20 @@ class Runs:
             "rloo": ("online", "rloo", prompts, {}),
             "ppo": ("online", "ppo", prompts, ppo),
             "iterative_dpo": ("iterative", "iterative_dpo", prompts, ITERATIVE),
+            "grpo_fsdp2": ("online", "grpo", prompts, {"num_iterations": 2, **FSDP2}),
+            "dapo_fsdp2": ("online", "dapo", prompts, {"max_steps": 3, **FSDP2}),
+            # One row per micro-batch, 4 rows in minibatches of 2, 1 and 1: the first process has no row of
+            # the last two, and runs a filler forward and backward for each (fsdp2's collectives).
+            "ppo_fsdp2": ("online", "ppo", prompts, {**PPO_UNEVEN, "save_steps": 1, **FSDP2}),
+            "ppo_lora_fsdp2": ("online", "ppo", prompts, {**PPO_UNEVEN, "lora": {"r": 4}, "save_steps": 1, **FSDP2}),
+            # The transformers sampler (not the scripted one): only run by two processes, ddp against fsdp2.
+            "grpo_hf": ("online_hf", "grpo", prompts, HF_SAMPLING),
+            "grpo_hf_fsdp2": ("online_hf", "grpo", prompts, {**HF_SAMPLING, **FSDP2}),
         }
         for name, (kind, method, data, extra) in specs.items():
             build = offline if kind == "cli" else online
+            if kind == "online_hf":
+                self.double_only.add(name)
             if kind == "iterative":
                 extra = {**extra, "data": {"train": str(data), "eval": str(data), "max_length": 64}}
             self.jobs[name] = {"name": name, "kind": kind, "method": method,
@@ -197,7 +211,8 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs
     # 1. Every scenario in this process; a second single DPO run of each strategy is cut after step 1 for
     # the two processes to resume (1 -> 2).
     for name in r.jobs:
-        run_here(r.job(name, r.single))
+        if name not in r.double_only:
+            run_here(r.job(name, r.single))
     for name in RESUMED:
         run_here(r.job(name, r.root / "one-to-two", grads=None))
         truncate(r.root / "one-to-two" / name, 1)
@@ -208,9 +223,10 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs
     jobs += [r.job(name, r.root / "two-to-one", name=f"cut_{name}", grads=None) for name in RESUMED]
     bad = r.job("dpo", r.root / "bad", name="odd_batch", grads=None)
     bad["config"]["batch_size"], bad["config"]["micro_batch_size"] = 7, 7
-    online_fsdp2 = r.job("grpo", r.root / "bad", name="grpo_fsdp2", grads=None, kind="cli")
-    online_fsdp2["config"]["distributed"] = {"strategy": "fsdp2"}
-    jobs += [bad, online_fsdp2]
+    vllm_fsdp2 = r.job("grpo", r.root / "bad", name="vllm_fsdp2", grads=None, kind="cli")
+    vllm_fsdp2["config"]["distributed"] = {"strategy": "fsdp2"}
+    vllm_fsdp2["config"]["generation"] = {"backend": "vllm"}
+    jobs += [bad, vllm_fsdp2]
     jobs_file = r.root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -291,9 +307,16 @@ SCENARIOS = [
     "dapo",
     "rloo",
     "ppo",
+    "grpo_fsdp2",
+    "dapo_fsdp2",
+    "ppo_fsdp2",
+    "ppo_lora_fsdp2",
 ]
+FSDP2 = {"distributed": {"strategy": "fsdp2"}}
+PPO_UNEVEN = {"num_generations": 1, "micro_batch_size": 1, "num_mini_batches": 3}
+HF_SAMPLING = {"num_iterations": 2, "generation": {"max_new_tokens": 6, "temperature": 1.0}}
 ITERATIVE = {"num_generations": 3, "rounds": 2, "steps_per_round": 2, "reference_update": "initial", "beta": 0.1}
-RESUMED = ("dpo", "dpo_fsdp2")
+RESUMED = ("dpo", "dpo_fsdp2", "ppo_fsdp2")
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -318,8 +341,19 @@ def test_two_processes_compute_the_reference_cache_together(runs: Runs) -> None:
             torch.testing.assert_close(tb[k], ta[k], rtol=1e-6, atol=1e-5)
 
 
-def test_ppo_critic_is_the_same(runs: Runs) -> None:
-    assert_same_weights(runs.single / "ppo" / "critic", runs.double / "ppo" / "critic")
+@pytest.mark.parametrize("name", ["ppo", "ppo_fsdp2"])
+def test_ppo_critic_is_the_same(name: str, runs: Runs) -> None:
+    assert_same_weights(runs.single / name / "critic", runs.double / name / "critic")
+
+
+def test_fsdp2_samples_what_ddp_samples(runs: Runs) -> None:
+    """The transformers sampler under fsdp2 (the weights gathered once for all decoding steps, each process
+    decoding its share alone) draws what ddp replicas draw, and the run trains alike."""
+    for name in ("grpo_hf", "grpo_hf_fsdp2"):
+        assert runs.statuses[name] == 0, runs.log[-6000:]
+    assert_same_run(runs.double / "grpo_hf", runs.double / "grpo_hf_fsdp2")
+    lengths = [m["completion_length"] for m in train_metrics(runs.double / "grpo_hf").values()]
+    assert all(0 < x <= 6 for x in lengths)
 
 
 def test_iterative_dpo_rounds_are_the_same(runs: Runs) -> None:
@@ -358,11 +392,11 @@ def test_two_processes_resume_one(name: str, runs: Runs) -> None:
 
 
 def test_refusals_are_one_line_errors(runs: Runs) -> None:
-    """A batch that does not split evenly over the processes, and fsdp2 for an online method, stop with exit
+    """A batch that does not split evenly over the processes, and fsdp2 with the vLLM sampler, stop with exit
     status 2 and a line naming the field, before anything is written."""
-    assert runs.statuses["odd_batch"] == 2 and runs.statuses["grpo_fsdp2"] == 2
+    assert runs.statuses["odd_batch"] == 2 and runs.statuses["vllm_fsdp2"] == 2
     assert "posttrain: error: batch_size: 7 is not a multiple of the 2 processes" in runs.log
-    assert "posttrain: error: distributed.strategy: fsdp2 is for the offline methods" in runs.log
+    assert "posttrain: error: distributed.strategy: fsdp2 with generation.backend: vllm is not supported" in runs.log
     assert not (runs.root / "bad" / "dpo").exists() and not (runs.root / "bad" / "grpo").exists()
 
 

@@ -304,6 +304,9 @@ def test_output_directories_are_checked_upfront(tmp_path: Path) -> None:
     assert stage_values(config)[0].result().steps == 3
     with pytest.raises(ConfigError, match=r"^stages\[0\] \(sft\): .* another config \(max_steps: 3 -> 4\)"):
         stage_values(config, "stages.0.max_steps=4")
+    # How the stage is run (processes, strategy) or how often it logs does not change what it trained.
+    rerun = stage_values(config, "stages.0.distributed.strategy=fsdp2", "stages.0.logging_steps=7")[0]
+    assert rerun.done and rerun.config.distributed.strategy == "fsdp2" and rerun.config.logging_steps == 7
 
     (dpo.output_dir / "summary.json").unlink()  # DPO interrupted: its folder holds files
     with pytest.raises(ConfigError, match=r"^stages\[1\] \(1-dpo\): output_dir: .* unfinished run; pass --resume"):

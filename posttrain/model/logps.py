@@ -196,7 +196,9 @@ def completion_logps(
     h = hidden[:, :-1][select]  # (N, H)
     targets = input_ids[:, 1:][select]  # (N,)
     pieces, entropies = [], []
-    for start in range(0, h.shape[0], chunk_size):
+    # (With no completion token at all the head still runs, on 0 rows: every parameter gets a gradient, zero,
+    # as FSDP2's reduce-scatter needs on each process.)
+    for start in range(0, max(h.shape[0], 1), chunk_size):
         args = (
             h[start : start + chunk_size],
             targets[start : start + chunk_size],

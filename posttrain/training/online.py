@@ -52,13 +52,13 @@ from posttrain.training.offline import (
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.ppo import critic_values, ppo_figures, ppo_loss, ppo_targets
 from posttrain.training.rollouts import (  # noqa: F401 - sample: posttrain.evaluate imports it from here
+    Samples,
     Scorer,
-    concat_samples,
     gathered,
     heldout_figures,
+    refill_informative,
     sample,
     sample_all,
-    select_groups,
 )
 
 
@@ -139,10 +139,10 @@ def run_online(
     lora.check_quantization(config.lora)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
     check_processes(config)
-    if distributed.world_size() > 1 and config.distributed.strategy != "ddp":
+    if distributed.world_size() > 1 and config.distributed.strategy == "fsdp2" and config.generation.backend == "vllm":
         raise ConfigError(
-            f"distributed.strategy: {config.distributed.strategy} is for the offline methods; {alg.name} samples "
-            "with the policy on every process, which needs a replica each: use ddp"
+            "distributed.strategy: fsdp2 with generation.backend: vllm is not supported (the engine would need the "
+            "full weights gathered for every rollout); use ddp, or the hf backend"
         )
     reward_fn = method_rewards(config)
     make_generator = generator_factory or default_generator(config)
@@ -168,9 +168,13 @@ def run_online(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = distributed.device()
-    policy = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing).to(device)
-    if config.lora is not None:
-        policy = lora.apply_lora(policy, config.lora)
+    strategy = config.distributed.strategy
+
+    def start_policy(where: torch.device) -> nn.Module:  # the starting weights (fresh adapters with LoRA)
+        model = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing).to(where)
+        return lora.apply_lora(model, config.lora) if config.lora is not None else model
+
+    policy = start_policy(device)
     ref_model: nn.Module | None = None
     ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     if alg.beta > 0:
@@ -180,6 +184,8 @@ def run_online(
             ref_model = load_causal_lm(config.reference.model, trainable=False).to(device)
         else:
             ref_model = freeze(copy.deepcopy(policy))
+        if strategy == "fsdp2" and ref_model is not policy:  # scored while the policy trains: sharded like it
+            ref_model = distributed.prepare(ref_model, "fsdp2")
     generator = make_generator(policy, tokenizer)
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
@@ -196,16 +202,37 @@ def run_online(
     minibatches = alg.num_mini_batches if isinstance(alg, PPO) else 1
     mask_truncated = alg.masks_truncated(gen)
     critic: nn.Module | None = None
+    start_critic: Callable[[], nn.Module] | None = None
     if isinstance(alg, PPO):  # the critic: a value head on the policy's trunk, or a model of its own
         if alg.share_trunk:
             critic = SharedCritic(int(policy.config.get_text_config().hidden_size)).to(device)  # type: ignore[union-attr,operator]
         else:
             source = critic_source(alg.critic_model, config.rewards, config.model)
+            start_critic = lambda: load_critic(source, tokenizer)  # noqa: E731 - (rebuilt for saving under fsdp2)
             critic = load_critic(source, tokenizer, gradient_checkpointing=config.gradient_checkpointing).to(device)
 
-    # 3. Optimizers and schedules (one optimizer step per minibatch of each pass over a rollout).
+    # 3. A resumed run's trained weights, then the models made data-parallel, then optimizers and schedules
+    # (one optimizer step per minibatch of each pass over a rollout; built on fsdp2's sharded parameters).
     per_epoch = len(prompts) // config.batch_size
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total, "layout": layout}
+    kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
+    start = 0
+    state: dict[str, Any] = {}
+    if last is not None:  # the trained weights, the optimizers' and schedules' state, the RNG, the step
+        state = checkpoint.load_state(last)
+        check_resumable(state.get("config", {}), config.to_dict())
+        if lora.is_lora(policy):
+            lora.load_adapter_weights(policy, last)
+        else:
+            policy.load_state_dict(load_causal_lm(str(last), trainable=False).state_dict())
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+    # Several processes: a replica (ddp) or shards (fsdp2) of each trained model per process; a value head
+    # on the policy's trunk is small and always replicated.
+    policy = distributed.prepare(policy, strategy)
+    if critic is not None:
+        critic = distributed.prepare(critic, "ddp" if isinstance(critic, SharedCritic) else strategy)
     optimizer = build_optimizer(policy, config.lr, config.adam_betas, config.adam_eps, config.weight_decay)
     scheduler = build_scheduler(optimizer, total * passes * minibatches, config.warmup_ratio, config.lr_scheduler)
     steppers: list[tuple[torch.optim.Optimizer, Any]] = [(optimizer, scheduler)]
@@ -216,46 +243,45 @@ def run_online(
         critic_sched = build_scheduler(critic_opt, total * passes * minibatches, config.warmup_ratio,
                                        config.lr_scheduler)  # fmt: skip
         steppers.append((critic_opt, critic_sched))
-    summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total, "layout": layout}
-    kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
-    start = 0
-    if last is not None:  # the trained weights, the optimizers' and schedules' state, the RNG, the step
-        state = checkpoint.load_state(last)
-        check_resumable(state.get("config", {}), config.to_dict())
-        if lora.is_lora(policy):
-            lora.load_adapter_weights(policy, last)
-        else:
-            policy.load_state_dict(load_causal_lm(str(last), trainable=False).state_dict())
-        for (opt, sched), (o, sc) in zip(steppers, state["optimizers"], strict=True):
-            opt.load_state_dict(o)
+    trained = [policy, critic] if critic is not None else [policy]  # the model of each stepper
+    if last is not None:
+        for model, (opt, sched), (o, sc) in zip(trained, steppers, state["optimizers"], strict=True):
+            distributed.load_optimizer_state(model, opt, o)
             sched.load_state_dict(sc)
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
         checkpoint.restore_rng(state)
         start, kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
         log(f"resumed from {last} at step {start}")
-    # Several processes: a replica of each trained model per process, rank 0's weights broadcast.
-    policy = distributed.prepare(policy, config.distributed.strategy)
-    if critic is not None:
-        critic = distributed.prepare(critic, config.distributed.strategy)
     if distributed.is_main():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     writer = MetricsWriter(output_dir / "metrics.jsonl")
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
 
-    def save(step: int) -> None:  # replicas are equal: the first process writes, the others wait for it
-        extra = {"config": config.to_dict(), "summary": summary, "kl_coef": kl_coef,
-                 "optimizers": [(o.state_dict(), sc.state_dict()) for o, sc in steppers],
-                 "critic": critic.state_dict() if critic is not None else None}  # fmt: skip
-        if distributed.is_main():
-            checkpoint.save_checkpoint(output_dir, step, policy, tokenizer, optimizer.state_dict(), scheduler, extra)
+    def plain_models() -> tuple[nn.Module | None, nn.Module | None]:
+        """The policy and the critic as plain modules, for saving (the first process; every process takes
+        part: under fsdp2 the shards are gathered)."""
+        plain = distributed.unsharded(policy, lambda: start_policy(torch.device("cpu")))
+        plain_critic = None
+        if critic is not None:
+            plain_critic = distributed.unsharded(critic, start_critic or (lambda: critic))
+        return plain, plain_critic
+
+    def save(step: int) -> None:  # full, unsharded state: any number of processes resumes it
+        plain, plain_critic = plain_models()
+        optimizers = [
+            (distributed.optimizer_state(m, o), sc.state_dict()) for m, (o, sc) in zip(trained, steppers, strict=True)
+        ]
+        if plain is not None and distributed.is_main():
+            extra = {"config": config.to_dict(), "summary": summary, "kl_coef": kl_coef, "optimizers": optimizers,
+                     "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
+            checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra)
         distributed.barrier()
 
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
 
     def evaluate(step: int) -> dict[str, float]:
-        figures = heldout_figures(generator, reward_fn, eval_prompts, config, tokenizer.pad_token_id)
+        with distributed.full_weights(policy):
+            figures = heldout_figures(generator, reward_fn, eval_prompts, config, tokenizer.pad_token_id)
         writer.write({"split": "eval", "step": step, **figures})
         return figures
 
@@ -268,44 +294,41 @@ def run_online(
     params_trained = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     shared = isinstance(critic, SharedCritic)
+
+    def draw(batch: list[Any], seed: int) -> Samples:
+        return sample_all(generator, reward_fn, batch, n, params, seed, tokenizer.pad_token_id, mask_truncated)
+
     for step in range(start, total):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in batch_indices(step, len(prompts), config.batch_size, config.seed)]
         draw_seed = config.seed * 1_000_003 + step
         # Each process samples its share of the prompts (whole groups); all of them get the whole rollout.
-        s = sample_all(generator, reward_fn, batch, n, params, draw_seed, tokenizer.pad_token_id, mask_truncated)
-        tied_share = float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
-        resampled = 0
-        if isinstance(alg, GRPO) and alg.dynamic_sampling:
-            # DAPO: groups whose rewards all tie have zero advantage and teach nothing; keep the others and
-            # draw more prompts until the batch is full again or the resample cap is reached.
-            kept = select_groups(s, ~tied_groups(s.rewards, n), n)
-            while len(kept.rewards) < config.batch_size * n and resampled < alg.max_resample:
-                resampled += 1
-                g = torch.Generator().manual_seed(draw_seed * 31 + resampled)
-                extra = [prompts[i] for i in torch.randperm(len(prompts), generator=g)[: config.batch_size].tolist()]
-                more = sample_all(generator, reward_fn, extra, n, params, draw_seed + 7919 * resampled,
-                                  tokenizer.pad_token_id, mask_truncated)  # fmt: skip
-                kept = concat_samples(
-                    kept, select_groups(more, ~tied_groups(more.rewards, n), n), tokenizer.pad_token_id
-                )
-            if len(kept.rewards):  # (with none informative at all, the tied batch stays: zero advantages)
-                s = select_groups(kept, torch.arange(len(kept.rewards) // n) < config.batch_size, n)
+        with distributed.full_weights(policy):  # fsdp2: the weights gathered once for every decoding step
+            s = draw(batch, draw_seed)
+            tied_share = float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
+            resampled = 0
+            if isinstance(alg, GRPO) and alg.dynamic_sampling:
+                s, resampled = refill_informative(s, draw, prompts, config.batch_size, n, alg.max_resample,
+                                                  draw_seed, tokenizer.pad_token_id)  # fmt: skip
         everything = torch.arange(len(s.rewards))
         t_sampled = time.perf_counter()
         with torch.no_grad():  # reference and old-policy log-probs (and old values) before any update
             # Each process scores its share of the rows; the shares are gathered, so that advantages, KL
             # penalties and PPO's whitening are computed over the whole rollout, as with one process.
+            # (fsdp2: every process runs as many forwards, a filler row where its share is a micro-batch short)
             ref = old = old_values = None
             mine = everything[distributed.shard(len(everything))]
+            chunks = distributed.lockstep(mine.split(micro), policy, filler=everything[:1])
             if ref_model is not None:
                 with evaluation_mode(ref_model), ref_context():
-                    ref = gathered([score(ref_model, s, r).logps for r in mine.split(micro)], s)
+                    refs = [(score(ref_model, s, r).logps, real) for r, real in chunks]
+                ref = gathered([x for x, real in refs if real], s)
             if passes > 1 or isinstance(alg, PPO) or (isinstance(alg, RLOO) and ref is not None):
-                outs = [(r, score(policy, s, r, hidden=shared)) for r in mine.split(micro)]
-                old = gathered([o.logps for _, o in outs], s)
+                outs = [(r, score(policy, s, r, hidden=shared), real) for r, real in chunks]
+                old = gathered([o.logps for _, o, real in outs if real], s)
                 if critic is not None:
-                    old_values = gathered([critic_values(critic, *s.rows(r, device), o) for r, o in outs], s)
+                    vs = [(critic_values(critic, *s.rows(r, device), o), real) for r, o, real in outs]
+                    old_values = gathered([v for v, real in vs if real], s)
                 del outs
         t_scored = time.perf_counter()
         targets = None
@@ -329,12 +352,13 @@ def run_online(
             # one, whatever the forwards before it consumed of the global RNG (dropout).
             shuffle = torch.Generator().manual_seed(draw_seed * 1009 + k)
             order = torch.randperm(len(s.rewards), generator=shuffle) if minibatches > 1 else everything
-            for mb in order.tensor_split(minibatches):
+            for j, mb in enumerate(order.tensor_split(minibatches)):
                 mb_mask = s.loss_mask[mb]  # counts of the whole minibatch: each process trains on its share
                 counts = {"tokens": int(mb_mask.sum()), "sequences": int((mb_mask.sum(-1) > 0).sum())}
-                for r in mb[distributed.shard(len(mb))].split(micro):
-                    first = "entropy_sum" not in sums
-                    cur = score(policy, s, r, entropy=first, hidden=shared)
+                share = mb[distributed.shard(len(mb))].split(micro)
+                for r, real in distributed.lockstep(share, policy, filler=everything[:1]):
+                    # The entropy is measured on the first minibatch of the first pass (every process's share).
+                    cur = score(policy, s, r, entropy=real and k == 0 and j == 0, hidden=shared)
                     if isinstance(alg, PPO):
                         assert targets is not None and old is not None and critic is not None
                         values = critic_values(critic, *s.rows(r, device), cur)
@@ -348,15 +372,19 @@ def run_online(
                         loss, metrics = rloo_loss_of(cur, advantages[r].to(device), counts)
                     # (recomputed layers: see spans.py; a shared trunk's rows are scored padded)
                     with span_attention(policy, on=layout != "padded" and not shared):
-                        loss.backward()
+                        (loss if real else loss * 0.0).backward()  # (a filler's backward: zero gradients)
+                    if not real:
+                        continue
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                     for name, value in metrics.items():
                         sums[name] = sums.get(name, 0.0) + float(value.sum())
                     approx_kl += float(metrics["approx_kl_sum"].sum()) if "approx_kl_sum" in metrics else 0.0
                     pass_tokens += float(cur.mask.sum())
-                    if cur.entropy is not None and first:
-                        sums["entropy_sum"] = float((cur.entropy.detach() * cur.mask).sum())
-                        sums["entropy_tokens"] = float(cur.mask.sum())
+                    if cur.entropy is not None:
+                        sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + float(
+                            (cur.entropy.detach() * cur.mask).sum()
+                        )
+                        sums["entropy_tokens"] = sums.get("entropy_tokens", 0.0) + float(cur.mask.sum())
                 distributed.reduce_gradients(params_trained + critic_params)  # the shares summed
                 grad_norm = distributed.clip_grad_norm(params_trained, config.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
@@ -411,11 +439,13 @@ def run_online(
     if eval_prompts:
         summary["heldout_after"] = evaluate(total)
     model_dir = output_dir / "model"
-    if distributed.is_main():
-        final = lora.for_saving(policy, config.lora.save) if config.lora else policy
+    plain, plain_critic = plain_models()
+    if plain is not None and distributed.is_main():
+        final = lora.for_saving(plain, config.lora.save) if config.lora else plain
         checkpoint.save_model(final, tokenizer, model_dir)
-        if isinstance(critic, (SeparateCritic, SharedCritic)):
-            critic.save(output_dir / "critic", tokenizer)
+        if isinstance(plain_critic, (SeparateCritic, SharedCritic)):
+            plain_critic.save(output_dir / "critic", tokenizer)
+    del plain, plain_critic
     if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
         save(total)
     summary["train_time_s"] = round(time.perf_counter() - started, 1)

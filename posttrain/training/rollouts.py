@@ -9,6 +9,7 @@ as with one process. The processes then train on shares of its rows.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from posttrain.data.prompts import PromptRecord, repeat_columns
 from posttrain.model.load import autocast
 from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.rewards.combine import CombinedReward
+from posttrain.rollout.advantages import tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, shard_seed
 
 
@@ -162,6 +164,34 @@ def concat_samples(a: Samples, b: Samples, pad_id: int) -> Samples:
         {k: torch.cat([a.per_reward[k], b.per_reward[k]]) for k in a.per_reward},
         torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]),
     )  # fmt: skip
+
+
+def refill_informative(
+    s: Samples,
+    draw: Callable[[list[PromptRecord], int], Samples],
+    prompts: list[PromptRecord],
+    batch_size: int,
+    n: int,
+    max_resample: int,
+    seed: int,
+    pad_id: int,
+) -> tuple[Samples, int]:
+    """DAPO's dynamic sampling (Yu et al. 2025, section 3.2): groups whose rewards all tie have zero advantage and
+    teach nothing; keep the others and ``draw(prompts, seed)`` groups of ``batch_size`` more prompts (drawn
+    from ``prompts`` by a generator seeded from ``seed``) until ``batch_size`` informative groups are kept or
+    ``max_resample`` draws were made. With none informative at all, the tied batch stays (zero advantages).
+    Returns the samples and the number of extra draws."""
+    kept = select_groups(s, ~tied_groups(s.rewards, n), n)
+    resampled = 0
+    while len(kept.rewards) < batch_size * n and resampled < max_resample:
+        resampled += 1
+        g = torch.Generator().manual_seed(seed * 31 + resampled)
+        extra = [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:batch_size].tolist()]
+        more = draw(extra, seed + 7919 * resampled)
+        kept = concat_samples(kept, select_groups(more, ~tied_groups(more.rewards, n), n), pad_id)
+    if not len(kept.rewards):
+        return s, resampled
+    return select_groups(kept, torch.arange(len(kept.rewards) // n) < batch_size, n), resampled
 
 
 def heldout_figures(
