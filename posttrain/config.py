@@ -146,6 +146,10 @@ class GenerationConfig:
     """With ``backend: vllm``: the share of GPU memory vLLM may take (the rest is training's)."""
     batch_size: int = 16
     """With ``backend: hf``: completions per ``generate`` call (memory of the KV cache vs. speed)."""
+    loop: Literal["auto", "generate"] = "auto"
+    """With ``backend: hf``: ``auto`` decodes with posttrain's loop (:mod:`posttrain.rollout.decode`: each
+    prompt prefilled once for its samples, no per-step overhead of ``generate``) where the model allows it,
+    else ``model.generate``; ``generate``: always ``model.generate``."""
     mask_truncated: bool | None = None
     """Completions that hit ``max_new_tokens`` without finishing get no loss (DAPO's overlong filtering).
     null: the method's default (true for ``dapo``, false for the others)."""

@@ -44,6 +44,7 @@ FULL: dict[str, Any] = {
         "backend": "vllm",
         "vllm_gpu_memory_utilization": 0.5,
         "batch_size": 32,
+        "loop": "generate",
         "mask_truncated": True,
     },
     "rewards": [{"name": "numeric_answer", "weight": 1.0}],

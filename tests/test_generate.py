@@ -31,6 +31,7 @@ from posttrain.rollout.generate import (
 
 TEXTS = ["What is 2 + 3?", "Hello!", "The cat sees a book. Then the dog"]  # 8, 2 and 9 tokens: left padding
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
+LOOPS = ("auto", "generate")  # posttrain's decoding loop, transformers' generate
 SAMPLE = SamplingParams(max_new_tokens=6, temperature=1.0)
 
 
@@ -80,14 +81,18 @@ def test_sampling_params_are_validated() -> None:
             SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_equals_manual_argmax_loop_in_prompt_major_order(
-    tiny_tokenizer: PreTrainedTokenizerFast, arch: str
+    tiny_tokenizer: PreTrainedTokenizerFast, arch: str, loop: str
 ) -> None:
-    """3 prompts x 2 samples in batches of 4 rows: left padding and batch boundaries change nothing."""
+    """3 prompts x 2 samples in batches of 4 rows: left padding and batch boundaries change nothing (a
+    prompt's two rows share one prefill in posttrain's loop, also when a batch boundary splits them)."""
     model = tiny(tiny_tokenizer, arch)
     ids = prompts(tiny_tokenizer)
-    rollout = HFGenerator(model, tiny_tokenizer, batch_size=4).generate(ids, 2, GREEDY, seed=0)
+    generator = HFGenerator(model, tiny_tokenizer, batch_size=4, loop=loop)
+    assert generator.own_loop == (loop == "auto")  # (Gemma-2: sliding window and soft-capping included)
+    rollout = generator.generate(ids, 2, GREEDY, seed=0)
     check_layout(rollout, 6)
     eos = tiny_tokenizer.eos_token_id
     for i, prompt in enumerate(ids):
@@ -98,12 +103,15 @@ def test_greedy_equals_manual_argmax_loop_in_prompt_major_order(
             assert rollout.truncated[i * 2 + j] == (expected[-1] != eos)
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("pad", ["eos", None])
-def test_tokenizer_whose_pad_is_eos_or_missing(tiny_tokenizer: PreTrainedTokenizerFast, pad: str | None) -> None:
+def test_tokenizer_whose_pad_is_eos_or_missing(
+    tiny_tokenizer: PreTrainedTokenizerFast, pad: str | None, loop: str
+) -> None:
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.pad_token = tokenizer.eos_token if pad == "eos" else None
     model = tiny(tokenizer)
-    generator = HFGenerator(model, tokenizer)
+    generator = HFGenerator(model, tokenizer, loop=loop)
     assert generator.pad_id == tokenizer.eos_token_id
     rollout = generator.generate(prompts(tokenizer), 1, GREEDY, seed=0)
     eos = tokenizer.eos_token_id
@@ -125,8 +133,9 @@ def test_hub_generation_config_cannot_change_the_distribution(tiny_tokenizer: Pr
     assert generator.generate(prompts(tiny_tokenizer), 4, SAMPLE, seed=0) == plain_sample
 
 
-def test_top_k_one_and_tiny_top_p_sample_the_argmax(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    generator = HFGenerator(tiny(tiny_tokenizer), tiny_tokenizer)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_top_k_one_and_tiny_top_p_sample_the_argmax(tiny_tokenizer: PreTrainedTokenizerFast, loop: str) -> None:
+    generator = HFGenerator(tiny(tiny_tokenizer), tiny_tokenizer, loop=loop)
     greedy = generator.generate(prompts(tiny_tokenizer), 2, GREEDY, seed=0).completion_ids
     sampled = generator.generate(prompts(tiny_tokenizer), 2, SAMPLE, seed=0).completion_ids
     assert sampled != greedy  # so the two below are not equal by chance
@@ -134,16 +143,18 @@ def test_top_k_one_and_tiny_top_p_sample_the_argmax(tiny_tokenizer: PreTrainedTo
         assert generator.generate(prompts(tiny_tokenizer), 2, params, seed=0).completion_ids == greedy
 
 
-def test_eos_ends_the_completion_and_is_kept(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_eos_ends_the_completion_and_is_kept(tiny_tokenizer: PreTrainedTokenizerFast, loop: str) -> None:
     eos = tiny_tokenizer.eos_token_id
     model = tiny(tiny_tokenizer)
     prefer(model, eos, 50.0)
-    rollout = HFGenerator(model, tiny_tokenizer).generate(prompts(tiny_tokenizer), 2, GREEDY, seed=0)
+    rollout = HFGenerator(model, tiny_tokenizer, loop=loop).generate(prompts(tiny_tokenizer), 2, GREEDY, seed=0)
     assert rollout == Rollout([(eos,)] * 6, [""] * 6, [False] * 6)
     # p(EOS) = e^6 / (e^6 + 511) = 0.44 per token: in 64 sampled rows of up to 6 tokens some end early, some
     # after a few tokens, some never; rows that ended early in a batch still running must not keep padding.
     prefer(model, eos, 6.0)
-    rollout = HFGenerator(model, tiny_tokenizer, batch_size=64).generate(prompts(tiny_tokenizer)[:1], 64, SAMPLE, 1)
+    generator = HFGenerator(model, tiny_tokenizer, batch_size=64, loop=loop)
+    rollout = generator.generate(prompts(tiny_tokenizer)[:1], 64, SAMPLE, 1)
     lengths = Counter(len(c) for c in rollout.completion_ids)
     assert lengths[1] > 0 and lengths[6] > 0 and len(lengths) > 3
     for ids, truncated in zip(rollout.completion_ids, rollout.truncated, strict=True):
@@ -287,12 +298,14 @@ def test_scripted_draws_follow_the_current_score_model(
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
-def test_peft_model_generates_with_adapters_on(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_peft_model_generates_with_adapters_on(tiny_tokenizer: PreTrainedTokenizerFast, loop: str) -> None:
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
         tiny(tiny_tokenizer), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"])
     )
-    generator = HFGenerator(model, tiny_tokenizer)
+    generator = HFGenerator(model, tiny_tokenizer, loop=loop)
+    assert generator.own_loop == (loop == "auto")
     with torch.no_grad():  # LoRA B starts at 0 (adapters a no-op); move them after the generator is built
         for name, p in model.named_parameters():
             if "lora_B" in name:

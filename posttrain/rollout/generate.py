@@ -22,6 +22,7 @@ from torch import nn
 
 from posttrain.data.collate import pad_completions
 from posttrain.model.logps import completion_logps
+from posttrain.rollout.decode import decode, decode_obstacle
 
 __all__ = [
     "PROMPT_SEED_STRIDE", "Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGenerator",
@@ -152,17 +153,23 @@ def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
 
 
 class HFGenerator:
-    """Samples with ``model.generate``, always from the model's current weights (it holds the module itself).
+    """Samples with transformers, always from the model's current weights (it holds the module itself).
 
-    Rows (each prompt repeated ``n`` times) go through ``generate`` ``batch_size`` at a time, left-padded with
-    the tokenizer's pad id (its EOS when it has none), under ``torch.no_grad()`` in eval mode, seeded inside
+    Rows (each prompt repeated ``n`` times) are decoded ``batch_size`` at a time, left-padded with the
+    tokenizer's pad id (its EOS when it has none), under ``torch.no_grad()`` in eval mode, seeded inside
     ``torch.random.fork_rng`` so the caller's RNG is untouched. A PEFT model generates with adapters on.
+    ``loop``: ``auto`` decodes with :func:`posttrain.rollout.decode.decode` (a prompt's samples share one
+    prefill) where :func:`~posttrain.rollout.decode.decode_obstacle` allows it, else with ``model.generate``
+    (``generate``: always); both sample from the same distribution, not the same random numbers.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 16) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 16, loop: str = "auto") -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if loop not in ("auto", "generate"):
+            raise ValueError(f"loop must be auto or generate, got {loop!r}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.own_loop = loop == "auto" and decode_obstacle(model) is None
         self.eos_ids = _eos_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id: int = self.eos_ids[0] if pad is None else int(pad)
@@ -193,6 +200,10 @@ class HFGenerator:
             torch.manual_seed(seed)
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
+                if self.own_loop:
+                    raw.extend(decode(self.model, batch, params.max_new_tokens, params.temperature, params.top_k,
+                                      params.top_p, self.eos_ids, self.pad_id))  # fmt: skip
+                    continue
                 width = max(len(r) for r in batch)
                 input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
                 attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

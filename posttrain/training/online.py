@@ -122,7 +122,7 @@ def default_generator(config: TrainConfig) -> Callable[[nn.Module, Any], Generat
             require_vllm()
         except (ImportError, RuntimeError) as err:
             raise ConfigError(str(err)) from None
-    options: dict[str, Any] = {"batch_size": gen.batch_size}
+    options: dict[str, Any] = {"batch_size": gen.batch_size, "loop": gen.loop}
     if gen.backend == "vllm":
         options = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
     return lambda model, tokenizer: build_generator(gen.backend, model, tokenizer, config.model, **options)
