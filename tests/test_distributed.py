@@ -184,7 +184,7 @@ class Runs:
             build = offline if kind == "cli" else online
             if kind == "online_hf":
                 self.double_only.add(name)
-            if kind == "iterative":
+            if kind == "iterative" or name in ("grpo_fsdp2", "grpo_hf", "grpo_hf_fsdp2"):  # (held-out sampling too)
                 extra = {**extra, "data": {"train": str(data), "eval": str(data), "max_length": 64}}
             self.jobs[name] = {"name": name, "kind": kind, "method": method,
                                "config": build(method, model, data, Path("OUT"), **extra)}  # fmt: skip
@@ -352,6 +352,9 @@ def test_fsdp2_samples_what_ddp_samples(runs: Runs) -> None:
     for name in ("grpo_hf", "grpo_hf_fsdp2"):
         assert runs.statuses[name] == 0, runs.log[-6000:]
     assert_same_run(runs.double / "grpo_hf", runs.double / "grpo_hf_fsdp2")
+    summary = [json.loads((runs.double / name / "summary.json").read_text()) for name in ("grpo_hf", "grpo_hf_fsdp2")]
+    for key in ("heldout_before", "heldout_after"):  # greedy answers to the held-out prompts
+        assert summary[0][key] == pytest.approx(summary[1][key], rel=1e-6)
     lengths = [m["completion_length"] for m in train_metrics(runs.double / "grpo_hf").values()]
     assert all(0 < x <= 6 for x in lengths)
 
@@ -431,6 +434,19 @@ def test_shards_cover_the_batch_in_order(monkeypatch: pytest.MonkeyPatch) -> Non
             parts.append(list(range(10))[distributed.shard(10)])
         assert [i for part in parts for i in part] == list(range(10))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_an_empty_share_of_a_rollout_is_on_the_scoring_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process with no rows of a rollout (a DAPO batch short of groups) gathers log-probs on the device the
+    others score on (a CPU tensor there would meet CUDA ones in a filler's loss)."""
+    from posttrain import distributed
+    from posttrain.training.rollouts import Samples, gathered
+
+    ids = torch.zeros((2, 5), dtype=torch.long)
+    s = Samples(ids, ids, ids.bool(), torch.zeros(2), {}, torch.zeros(2), torch.zeros(2, dtype=torch.bool))
+    monkeypatch.setattr(distributed, "device", lambda: torch.device("meta"))
+    out = gathered([], s)
+    assert out.shape == (0, 5) and out.device.type == "meta"
 
 
 def test_qlora_without_cuda_is_a_one_line_error(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -86,11 +86,12 @@ def test_sampling_params_are_validated() -> None:
 def test_greedy_equals_manual_argmax_loop_in_prompt_major_order(
     tiny_tokenizer: PreTrainedTokenizerFast, arch: str, loop: str
 ) -> None:
-    """3 prompts x 2 samples in batches of 4 rows: left padding and batch boundaries change nothing (a
-    prompt's two rows share one prefill in posttrain's loop, also when a batch boundary splits them)."""
+    """3 prompts x 2 samples in batches of 3 rows: left padding and batch boundaries change nothing (a
+    prompt's two rows share one prefill in posttrain's loop; the second prompt's rows are split over two
+    batches)."""
     model = tiny(tiny_tokenizer, arch)
     ids = prompts(tiny_tokenizer)
-    generator = HFGenerator(model, tiny_tokenizer, batch_size=4, loop=loop)
+    generator = HFGenerator(model, tiny_tokenizer, batch_size=3, loop=loop)
     assert generator.own_loop == (loop == "auto")  # (Gemma-2: sliding window and soft-capping included)
     rollout = generator.generate(ids, 2, GREEDY, seed=0)
     check_layout(rollout, 6)

@@ -8,8 +8,8 @@ What it saves against ``generate`` (measured on the 5M benchmark Llama, 8 prompt
 * the prefill computes logits at the last position only (``logits_to_keep=1``);
 * one step is one forward plus a draw: no logits-processor list, stopping criteria or per-step bookkeeping
   of ``generate``;
-* the draw is inverse-CDF sampling (one uniform per row, ``searchsorted`` on the cumulative probabilities),
-  exact like ``torch.multinomial`` and cheaper on CPU.
+* the draw is inverse-CDF sampling (one uniform per row, ``searchsorted`` on the cumulative probabilities,
+  summed in float64), exact like ``torch.multinomial`` and cheaper on CPU.
 
 The distribution is ``generate``'s for the same settings: logits divided by the temperature, then top-k, then
 top-p (nucleus) filtering, in that order (Holtzman et al. 2020 for top-p; the same order transformers'
@@ -86,8 +86,9 @@ def draw(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0)
     a token of probability 0 spans an empty interval and is never drawn), from torch's global RNG."""
     if temperature == 0:
         return logits.argmax(-1)
-    cdf = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1).cumsum(-1)
-    u = (1.0 - torch.rand((cdf.shape[0], 1), device=cdf.device)) * cdf[:, -1:]
+    # float64: a float32 running sum past 0.5 would give tokens of probability < 3e-8 an empty interval
+    cdf = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1).double().cumsum(-1)
+    u = (1.0 - torch.rand((cdf.shape[0], 1), device=cdf.device, dtype=torch.float64)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 

@@ -178,6 +178,7 @@ class HFGenerator:
         kwargs: dict[str, Any] = dict(
             _NEUTRAL, max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id, use_cache=True, do_sample=params.temperature > 0,
+            synced_gpus=False,  # (each process decodes its share alone, see distributed.full_weights)
         )  # fmt: skip
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)

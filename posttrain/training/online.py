@@ -266,8 +266,10 @@ def run_online(
             plain_critic = distributed.unsharded(critic, start_critic or (lambda: critic))
         return plain, plain_critic
 
-    def save(step: int) -> None:  # full, unsharded state: any number of processes resumes it
-        plain, plain_critic = plain_models()
+    def save(step: int, plains: tuple[nn.Module | None, nn.Module | None] | None = None) -> None:
+        """The checkpoint of ``step``: full, unsharded state, so any number of processes resumes it
+        (``plains``: :func:`plain_models` already gathered)."""
+        plain, plain_critic = plains or plain_models()
         optimizers = [
             (distributed.optimizer_state(m, o), sc.state_dict()) for m, (o, sc) in zip(trained, steppers, strict=True)
         ]
@@ -445,9 +447,9 @@ def run_online(
         checkpoint.save_model(final, tokenizer, model_dir)
         if isinstance(plain_critic, (SeparateCritic, SharedCritic)):
             plain_critic.save(output_dir / "critic", tokenizer)
-    del plain, plain_critic
     if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
-        save(total)
+        save(total, (plain, plain_critic))
+    del plain, plain_critic
     summary["train_time_s"] = round(time.perf_counter() - started, 1)
     summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
     if distributed.is_main():  # (the first process's RSS)

@@ -231,5 +231,6 @@ def sample_all(
 def gathered(parts: list[Tensor], s: Samples) -> Tensor:
     """(N, T) per-row tensors of the whole rollout ``s`` from this process's share of its rows (``parts``, the
     micro-batches of :func:`posttrain.distributed.shard` of the rows, in order): the shares gathered."""
-    local = torch.cat(parts) if parts else torch.zeros((0, s.input_ids.shape[1]))
+    # (an empty share: no rows, on the device the other processes' shares are scored on)
+    local = torch.cat(parts) if parts else torch.zeros((0, s.input_ids.shape[1]), device=distributed.device())
     return distributed.gather_rows(local)
