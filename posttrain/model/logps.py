@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.model.lora import base_model
 from posttrain.model.spans import Spans, span_attention
 
 
@@ -130,11 +131,7 @@ def _chunk_logps(
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack (returns hidden states after the final norm) and the LM head of a causal LM."""
-    inner = model
-    # PEFT wraps the HF model twice (PeftModel -> LoraModel -> model); the LoRA layers live inside it.
-    get_base = getattr(inner, "get_base_model", None)
-    if callable(get_base):
-        inner = get_base()
+    inner = base_model(model)
     get_decoder = getattr(inner, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else getattr(inner, "base_model", None)
     get_head = getattr(inner, "get_output_embeddings", None)

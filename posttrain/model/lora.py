@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from posttrain.config import ConfigError, LoraConfig
+if TYPE_CHECKING:  # (imported lazily: posttrain.model.logps and spans import this module, and config them)
+    from posttrain.config import LoraConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -22,6 +23,8 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError as err:
+        from posttrain.config import ConfigError
+
         raise ConfigError("lora: needs the peft package: pip install 'posttrain[lora]'") from err
     return peft
 
@@ -35,11 +38,20 @@ def check_quantization(lora: LoraConfig | None) -> None:
 
     import torch
 
+    from posttrain.config import ConfigError
+
     if not torch.cuda.is_available():
         raise ConfigError("lora.load_in_4bit: QLoRA needs a CUDA GPU (and bitsandbytes); this machine has none")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install bitsandbytes")
     raise ConfigError("lora.load_in_4bit: QLoRA is not wired into the training loops yet; use plain LoRA")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model a PEFT wrapper wraps (PeftModel -> LoraModel -> model; the LoRA layers live
+    inside it), or ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def is_lora(model: nn.Module) -> bool:

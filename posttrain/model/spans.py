@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from posttrain.model.lora import base_model
+
 SPAN_ATTENTION = "posttrain_spans"
 SPAN_LAYOUTS = ("packed", "shared_prefix")
 """The layouts scored through span attention (``padded`` uses the model's own attention and masks)."""
@@ -110,8 +112,7 @@ def span_obstacle(model: nn.Module, longest: int) -> str | None:
 
     ``longest``: the longest sequence a block can hold (a sliding window shorter than it would be ignored).
     """
-    get_base = getattr(model, "get_base_model", None)  # a PEFT wrapper: judge the model it wraps
-    model = get_base() if callable(get_base) else model
+    model = base_model(model)  # a PEFT wrapper: judge the model it wraps
     config = getattr(model, "config", None)
     impl = attention_implementation(model)
     if not getattr(type(model), "_supports_attention_backend", False):

@@ -27,22 +27,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from posttrain.model.lora import base_model
+
 ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention"})
 
 
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)  # PEFT: the transformers model inside
-    return get_base() if callable(get_base) else model
-
-
 def _cache_keyword(model: nn.Module) -> str | None:
-    params = inspect.signature(_base(model).forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def decode_obstacle(model: nn.Module) -> str | None:
     """Why :func:`decode` cannot drive ``model`` (then ``model.generate`` samples), or None."""
-    base = _base(model)
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return "not a decoder-only transformers model"
@@ -124,7 +121,7 @@ def decode(
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     cache_key = _cache_keyword(model)
     assert cache_key is not None, decode_obstacle(model)
-    cache = DynamicCache(config=_base(model).config)  # type: ignore[arg-type]
+    cache = DynamicCache(config=base_model(model).config)  # type: ignore[arg-type]
     out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                 use_cache=True, logits_to_keep=1, **{cache_key: cache})  # fmt: skip
     expand = torch.tensor(owner, dtype=torch.long, device=device)
