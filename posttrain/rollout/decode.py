@@ -1,7 +1,7 @@
 """posttrain's own decoding loop for the HF backend: the sampling of ``model.generate``, with less work.
 
 What it saves against ``generate`` (measured on the 5M benchmark Llama, 8 prompts x 4 samples x 64 tokens,
-2 CPU threads: 2.26 s -> 1.41 s per rollout; benchmarks/results/README.md):
+2 CPU threads: 2.44 s -> 1.55 s per rollout; benchmarks/results/README.md):
 
 * each prompt is prefilled ONCE, and its KV cache is copied to its ``n`` sample rows
   (``DynamicCache.batch_select_indices`` with repeated indices), instead of prefilling it ``n`` times;
@@ -89,6 +89,18 @@ def draw(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0)
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` of prompt ``rows`` padded on the left: every row's last prompt token is
+    at column ``width - 1``, so the new tokens of all rows start at column ``width``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return input_ids, mask
+
+
 def decode(
     model: nn.Module,
     rows: Sequence[Sequence[int]],
@@ -112,12 +124,8 @@ def decode(
         if not unique or list(unique[-1]) != list(r):
             unique.append(r)
         owner.append(len(unique) - 1)
-    width = max(len(r) for r in unique)
-    input_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(unique), width), dtype=torch.long)
-    for i, r in enumerate(unique):  # left padding: every prompt ends at column width - 1
-        input_ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r) :] = 1
+    input_ids, mask = left_pad(unique, pad_id)
+    width = input_ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     cache_key = _cache_keyword(model)
     assert cache_key is not None, decode_obstacle(model)

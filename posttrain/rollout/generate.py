@@ -22,7 +22,7 @@ from torch import nn
 
 from posttrain.data.collate import pad_completions
 from posttrain.model.logps import completion_logps
-from posttrain.rollout.decode import decode, decode_obstacle
+from posttrain.rollout.decode import decode, decode_obstacle, left_pad
 
 __all__ = [
     "PROMPT_SEED_STRIDE", "Generator", "HFGenerator", "Rollout", "SamplingParams", "ScriptedGenerator",
@@ -205,12 +205,8 @@ class HFGenerator:
                     raw.extend(decode(self.model, batch, params.max_new_tokens, params.temperature, params.top_k,
                                       params.top_p, self.eos_ids, self.pad_id))  # fmt: skip
                     continue
-                width = max(len(r) for r in batch)
-                input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, r in enumerate(batch):  # left padding: every row's last prompt token is at width - 1
-                    input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-                    attention_mask[i, width - len(r) :] = 1
+                input_ids, attention_mask = left_pad(batch, self.pad_id)
+                width = input_ids.shape[1]
                 out = self.model.generate(  # type: ignore[operator]
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
                 )
