@@ -228,8 +228,8 @@ def _fully_shard(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def full_weights(*models: nn.Module) -> Iterator[None]:
-    """Under ``fsdp2``, every FSDP unit of ``models`` gathered (all-gathered once, kept through any number
+def full_weights(model: nn.Module) -> Iterator[None]:
+    """Under ``fsdp2``, every FSDP unit of ``model`` gathered (all-gathered once, kept through any number
     of forwards) for the block, resharded after it; nothing for a model that is not sharded.
 
     For sampling: ``generate`` runs one forward per new token, and the processes' completions end at
@@ -240,11 +240,11 @@ def full_weights(*models: nn.Module) -> Iterator[None]:
     collective)."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for model in models if is_sharded(model) for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units:
+    if not is_sharded(model):
         yield
         return
-    roots = [next(m for m in model.modules() if isinstance(m, FSDPModule)) for model in models if is_sharded(model)]
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    root = units[0]  # the outermost unit (the decoder, or the whole model without an LM head)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -252,7 +252,7 @@ def full_weights(*models: nn.Module) -> Iterator[None]:
         yield
     finally:
         for unit in units:  # back to fully_shard's defaults: the root keeps its weights after forward, the rest not
-            unit.set_reshard_after_forward(not any(unit is r for r in roots), recurse=False)
+            unit.set_reshard_after_forward(unit is not root, recurse=False)
             unit.reshard()
 
 
