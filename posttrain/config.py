@@ -117,8 +117,9 @@ class LoraConfig:
     save: LoraSave = "merged"
     """Final model: ``merged`` (a plain HF model) or ``adapter`` (peft adapter files only)."""
     load_in_4bit: bool = False
-    """QLoRA (Dettmers et al. 2023): the frozen base in 4-bit NF4. Needs a CUDA GPU and ``bitsandbytes``;
-    refused in one line where either is missing (and not wired into the loops yet)."""
+    """QLoRA (Dettmers et al. 2023): the frozen base in 4-bit NF4 with double quantization (``bitsandbytes``,
+    on CUDA or CPU); the reference is then the 4-bit base, and a merged save the dequantized base plus the
+    adapters' updates, in fp32. Not with ``fsdp2`` nor the vLLM backend (refused in one line)."""
 
     def __post_init__(self) -> None:
         check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")

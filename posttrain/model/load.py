@@ -11,6 +11,7 @@ from torch import nn
 
 from posttrain.config import ConfigError
 from posttrain.model import embedded
+from posttrain.model.lora import exact_4bit_kernels
 
 
 def load_tokenizer(name: str) -> Any:
@@ -26,13 +27,16 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(name: str, *, trainable: bool = True, gradient_checkpointing: bool = False) -> nn.Module:
-    """A causal LM in fp32 (bf16 runs use autocast over fp32 master weights); frozen when not trainable."""
+def load_causal_lm(
+    name: str, *, trainable: bool = True, gradient_checkpointing: bool = False, quantized: dict[str, Any] | None = None
+) -> nn.Module:
+    """A causal LM in fp32 (bf16 runs use autocast over fp32 master weights); frozen when not trainable.
+    ``quantized``: :func:`posttrain.model.lora.four_bit`'s arguments (QLoRA's 4-bit base)."""
     from transformers import AutoModelForCausalLM
 
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
-            embedded.resolve(name), dtype=torch.float32, output_loading_info=True
+            embedded.resolve(name), dtype=torch.float32, output_loading_info=True, **(quantized or {})
         )
         model: Any = loaded[0]
         info: dict[str, Any] = loaded[1]
@@ -44,7 +48,7 @@ def load_causal_lm(name: str, *, trainable: bool = True, gradient_checkpointing:
             f"model: {name!r} is not a complete causal LM: {len(missing)} weights missing ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}); a reward model cannot start a policy"
         )
-    return ready(model, trainable, gradient_checkpointing)
+    return ready(exact_4bit_kernels(model) if quantized else model, trainable, gradient_checkpointing)
 
 
 @contextlib.contextmanager
@@ -108,7 +112,12 @@ def add_distinct_pad(tokenizer: Any, avoid: Collection[int] = ()) -> bool:
 
 
 def load_reward_model(
-    name: str, tokenizer: Any, *, trainable: bool = True, gradient_checkpointing: bool = False
+    name: str,
+    tokenizer: Any,
+    *,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+    quantized: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A scalar reward model (``AutoModelForSequenceClassification``, one output) in fp32.
 
@@ -116,13 +125,14 @@ def load_reward_model(
     initialised) or a reward model saved by posttrain (loaded as is: the resume path). The embeddings grow
     to ``len(tokenizer)`` when the tokenizer has more ids (a pad token added by :func:`add_distinct_pad`),
     and ``pad_token_id`` is written into the config so that transformers, here and after a plain
-    ``from_pretrained``, reads the score at the last real token of a right-padded row.
+    ``from_pretrained``, reads the score at the last real token of a right-padded row. ``quantized``: as
+    for :func:`load_causal_lm` (the new score head stays full precision).
     """
     from transformers import AutoModelForSequenceClassification
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            embedded.resolve(name), num_labels=1, dtype=torch.float32
+            embedded.resolve(name), num_labels=1, dtype=torch.float32, **(quantized or {})
         )
     except OSError as err:
         raise ConfigError(f"model: cannot load {name!r}: {str(err).splitlines()[0]}") from err
@@ -133,4 +143,4 @@ def load_reward_model(
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    return ready(model, trainable, gradient_checkpointing)
+    return ready(exact_4bit_kernels(model) if quantized else model, trainable, gradient_checkpointing)

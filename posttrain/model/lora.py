@@ -1,4 +1,5 @@
-"""The one seam to ``peft`` (imported lazily): LoRA adapters, the adapter-disabled reference, saving.
+"""The one seam to ``peft`` and ``bitsandbytes`` (both imported lazily): LoRA adapters, QLoRA's 4-bit
+base, the adapter-disabled reference, merged saving.
 
 With LoRA the base weights never change, so the policy with its adapters switched off IS the starting
 model: DPO-style references need no second copy of the weights.
@@ -7,14 +8,16 @@ model: DPO-style references need no second copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:  # (imported lazily: posttrain.model.logps and spans import this module, and config them)
-    from posttrain.config import LoraConfig
+    from posttrain.config import LoraConfig, TrainConfig
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -29,22 +32,56 @@ def _peft() -> Any:
     return peft
 
 
-def check_quantization(lora: LoraConfig | None) -> None:
-    """Refuse QLoRA (``lora.load_in_4bit``) in one line, before anything is loaded or written: it needs a
-    CUDA GPU and bitsandbytes, and even with both the 4-bit base is not wired into the loops yet."""
+def check_quantization(config: TrainConfig) -> None:
+    """Refuse, in one line and before anything is loaded or written, what QLoRA (``lora.load_in_4bit``)
+    cannot do: run without bitsandbytes, be sharded by FSDP2, or feed its weights to vLLM."""
+    lora = config.lora
     if lora is None or not lora.load_in_4bit:
         return
     import importlib.util
 
-    import torch
-
     from posttrain.config import ConfigError
 
-    if not torch.cuda.is_available():
-        raise ConfigError("lora.load_in_4bit: QLoRA needs a CUDA GPU (and bitsandbytes); this machine has none")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install bitsandbytes")
-    raise ConfigError("lora.load_in_4bit: QLoRA is not wired into the training loops yet; use plain LoRA")
+        raise ConfigError("lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install 'posttrain[qlora]'")
+    if config.distributed.strategy == "fsdp2":
+        raise ConfigError(
+            "lora.load_in_4bit: not with distributed.strategy: fsdp2 (FSDP2 cannot shard bitsandbytes' packed 4-bit "
+            "weights); use ddp: each process holds the 4-bit base, a quarter of its bf16 size"
+        )
+    if config.generation.backend == "vllm":
+        raise ConfigError("lora.load_in_4bit: not with generation.backend: vllm (not wired); use the hf backend")
+
+
+def four_bit(lora: LoraConfig | None, precision: str, device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the frozen base in 4-bit NF4 with double quantization, the
+    QLoRA recipe (Dettmers et al. 2023, sections 3-4), straight onto ``device``; ``{}`` without QLoRA.
+
+    Only the linear layers of the decoder are quantized (transformers keeps the output head, embeddings and
+    norms in fp32); the 4-bit weights are dequantized to the compute dtype (bf16 under ``precision: bf16``,
+    else fp32) for each matmul, and the adapters train in fp32."""
+    if lora is None or not lora.load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    return {"quantization_config": quantization, "device_map": {"": device}}
+
+
+def exact_4bit_kernels(model: nn.Module) -> nn.Module:
+    """Keep every 4-bit layer on its dequantize-then-matmul path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a layer's weights the first time it runs in eval mode
+    without gradients, and from then on computes it in bf16 (about 1e-2 relative error): the no-grad
+    forwards (the reference, the old policy's log-probs, sampling) would then disagree with the training
+    forward, and the PPO ratio would not start at 1. Returns ``model``."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - (a plain attribute of bnb's layer)
+    return model
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -93,10 +130,63 @@ def load_adapter_weights(model: nn.Module, checkpoint: Path) -> None:
 
 
 def for_saving(model: nn.Module, save: str) -> nn.Module:
-    """The model to write as the final one: merged into a plain HF model (a copy), or the adapters only."""
+    """The model to write as the final one: merged into a plain HF model, or the adapters only."""
     if save == "adapter" or not is_lora(model):
         return model
-    import copy
+    return merged(model)
 
-    merged: nn.Module = copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
-    return merged
+
+def merged(model: nn.Module) -> nn.Module:
+    """A plain transformers model (fp32, no adapters, no quantization) computing what the PEFT model
+    ``model`` computes: W + (alpha / r) B A for every adapted layer, with W dequantized first when the base
+    is 4-bit (QLoRA). ``model`` is left as it was.
+
+    Merging into the dequantized base, not into the original full-precision weights, keeps the function the
+    adapters were trained with (they learnt to correct the quantized W). peft's own ``merge_and_unload``
+    would quantize the merged weight again (4-bit in, 4-bit out) and, on a full-precision base, needs a
+    deep copy of the whole model first; here the new model is built empty (meta device) and takes the
+    tensors it shares with ``model`` as they are (embeddings, norms, heads), so only the merged layers and
+    the dequantized ones are new memory.
+    """
+    inner = base_model(model)
+    config = copy.deepcopy(inner.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain: nn.Module = type(inner)._from_config(config, dtype=torch.float32)  # type: ignore[attr-defined]
+    state = {key: _merged_tensor(inner, key) for key in plain.state_dict()}
+    plain.load_state_dict(state, assign=True)
+    for key, buffer in list(plain.named_buffers()):  # non-persistent buffers (rotary frequencies): as they are
+        if buffer.is_meta:
+            owner, _, name = key.rpartition(".")
+            setattr(plain.get_submodule(owner), name, _source(inner, owner).get_buffer(name).float())
+    return plain.eval().requires_grad_(False)
+
+
+def _source(root: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` (a plain model's name) inside a PEFT-wrapped ``root``, seen through peft's
+    ``modules_to_save`` wrappers (to the trained copy). An adapted layer comes back as peft's adapter layer."""
+    module = root
+    for part in path.split(".") if path else ():
+        module = getattr(module, part)
+        if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+            module = module.modules_to_save[module.active_adapter]
+    return module
+
+
+def _merged_tensor(inner: nn.Module, key: str) -> torch.Tensor:
+    """The plain model's tensor ``key``: dequantized when 4-bit, with the active adapters' deltas added."""
+    owner, _, name = key.rpartition(".")
+    module = _source(inner, owner)
+    adapted = callable(getattr(module, "get_delta_weight", None))
+    value = getattr(module.get_base_layer() if adapted else module, name)  # type: ignore[operator]
+    if getattr(value, "quant_state", None) is not None:  # a bitsandbytes 4-bit weight
+        import bitsandbytes.functional as bnb_functional
+
+        value = bnb_functional.dequantize_4bit(value.data, value.quant_state)
+    value = value.detach().float()
+    if adapted and name == "weight":
+        for active in module.active_adapters:  # type: ignore[union-attr]
+            if active in module.lora_A:  # type: ignore[operator]
+                value = value + module.get_delta_weight(active).detach().float()  # type: ignore[operator]
+    return value

@@ -181,7 +181,7 @@ def run(
     """Train one offline method end to end; what ``posttrain train`` runs."""
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
-    lora.check_quantization(config.lora)
+    lora.check_quantization(config)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
     check_processes(config)
     if isinstance(config.algorithm, IterativeDPO):  # rounds of sampling, each trained by this loop

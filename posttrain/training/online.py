@@ -136,7 +136,7 @@ def run_online(
     alg = config.algorithm
     assert isinstance(alg, OnlineAlgorithm)
     # 1. Prompts and rewards: validated before anything is written.
-    lora.check_quantization(config.lora)
+    lora.check_quantization(config)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
     check_processes(config)
     if distributed.world_size() > 1 and config.distributed.strategy == "fsdp2" and config.generation.backend == "vllm":
@@ -171,7 +171,9 @@ def run_online(
     strategy = config.distributed.strategy
 
     def start_policy(where: torch.device) -> nn.Module:  # the starting weights (fresh adapters with LoRA)
-        model = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing).to(where)
+        quantized = lora.four_bit(config.lora, config.precision, where)  # QLoRA: the base in 4-bit
+        model = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing, quantized=quantized)
+        model = model.to(where)
         return lora.apply_lora(model, config.lora) if config.lora is not None else model
 
     policy = start_policy(device)

@@ -87,7 +87,11 @@ class RewardTask(OfflineTask[PreferenceRecord, RewardBatch]):
     def load_model(self, name: str, trainable: bool = True) -> nn.Module:
         gradient_checkpointing = self.config.gradient_checkpointing
         return load_reward_model(
-            name, self.tokenizer, trainable=trainable, gradient_checkpointing=gradient_checkpointing
+            name,
+            self.tokenizer,
+            trainable=trainable,
+            gradient_checkpointing=gradient_checkpointing,
+            quantized=self.quantized(trainable),
         )
 
     def score(self, model: nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:

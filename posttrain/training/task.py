@@ -27,7 +27,7 @@ from posttrain.data.tokenize import Renderer, TruncationStats
 from posttrain.model import embedded
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm
 from posttrain.model.logps import TokenLogps, completion_logps
-from posttrain.model.lora import adapters_off, is_lora
+from posttrain.model.lora import adapters_off, four_bit, is_lora
 from posttrain.model.reference import cache_path, cached_tensors, fingerprint, weights_digest
 from posttrain.model.spans import resolve_layout
 from posttrain.training.metrics import MetricSums
@@ -87,7 +87,17 @@ class OfflineTask(ABC, Generic[R, B]):
 
     # ---- models
     def load_model(self, name: str, trainable: bool = True) -> nn.Module:
-        return load_causal_lm(name, trainable=trainable, gradient_checkpointing=self.config.gradient_checkpointing)
+        """The model ``name``: the one to train (its base in 4-bit under QLoRA) or a frozen one."""
+        return load_causal_lm(
+            name,
+            trainable=trainable,
+            gradient_checkpointing=self.config.gradient_checkpointing,
+            quantized=self.quantized(trainable),
+        )
+
+    def quantized(self, trainable: bool) -> dict[str, Any] | None:
+        """QLoRA's loading arguments for the trained model (:func:`posttrain.model.lora.four_bit`), else None."""
+        return four_bit(self.config.lora, self.config.precision, self.device) if trainable else None
 
     def choose_layout(self, policy: nn.Module) -> str:
         """Resolve ``config.layout`` for this task and model (see :func:`posttrain.model.spans.resolve_layout`)."""
