@@ -256,6 +256,29 @@ def full_weights(model: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+@contextlib.contextmanager
+def forward_only(*models: nn.Module) -> Iterator[None]:
+    """``torch.no_grad()`` for forwards that no backward follows (evaluation, KTO's KL baseline, old-policy
+    log-probs) of models that train afterwards; under ``fsdp2`` every unit of ``models`` is resharded after.
+
+    FSDP2 finishes a pass in the callback at the end of backward: it clears which unit claimed the pass and
+    which grouped modules still have to run (the embeddings + LM head unit, whose head the log-prob
+    primitive calls standalone, is left waiting for the embeddings). A no-grad pass has no backward, so
+    that state stays. Two such passes before a training step (KTO: evaluation's KL baseline, then the step's)
+    lost the decoder's and that unit's gradients altogether (None on every process; caught by
+    tests/test_distributed.py). Resharding every unit afterwards gives the next training forward a clean
+    start: it gathers and hooks each unit again."""
+    with torch.no_grad():
+        yield
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        if is_sharded(model):
+            for unit in model.modules():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
+
+
 def lockstep(chunks: Sequence[T], model: nn.Module, filler: T) -> list[tuple[T, bool]]:
     """``chunks`` (this process's micro-batches, empty ones dropped) as ``(chunk, real)`` pairs, padded with
     ``(filler, False)`` to the largest number of chunks of any process when ``model`` is sharded.

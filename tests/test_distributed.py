@@ -18,7 +18,8 @@ in this (single) process:
 for DPO, SFT, KTO, reward models, GRPO, DAPO, RLOO, PPO and iterative DPO under ``ddp`` (scripted sampling:
 shards of the prompts draw what one process draws for all of them), DPO, GRPO, DAPO and PPO (with a
 minibatch that leaves one process without a row) under ``fsdp2``, LoRA under both, and QLoRA (a 4-bit
-base, bitsandbytes on CPU) for DPO and GRPO under ``ddp``. With the transformers
+base, bitsandbytes on CPU) for DPO and GRPO under ``ddp``. Under ``fsdp2``, DPO and KTO evaluate a split of
+29 examples between and after their steps: every example counts, as with one process. With the transformers
 sampler, two fsdp2 processes draw and train what two ddp processes do. Checkpoints saved by two processes
 resume on one and the other way round (ddp and fsdp2, offline and online), and equal an uninterrupted run.
 """
@@ -157,6 +158,13 @@ class Runs:
         self.log = ""  # its output
         self.double_only: set[str] = set()
         ppo = {"num_generations": 2, "num_mini_batches": 2, "ppo_epochs": 2}
+        # Eval splits of 29 examples: shares of 14 and 15, so 7 and 8 micro-batches of 2 (fsdp2: a filler).
+        rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+        odd_pairs, odd_unpaired = root / "pairs29.jsonl", root / "unpaired29.jsonl"
+        odd_pairs.write_text("".join(json.dumps(r) + "\n" for r in rows[:29]))
+        unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows[:15]]
+        unpaired += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in rows[15:29]]
+        odd_unpaired.write_text("".join(json.dumps(r) + "\n" for r in unpaired))
         specs: dict[str, tuple[str, str, Path, dict[str, Any]]] = {
             "dpo": ("cli", "dpo", pairs, {"save_steps": 1}),
             "dpo_cached": ("cli", "dpo", pairs, {"reference": {"kind": "cached", "cache_dir": "CACHE"}}),
@@ -167,6 +175,9 @@ class Runs:
             "dpo_fsdp2": ("cli", "dpo", pairs, {"save_steps": 1, "distributed": {"strategy": "fsdp2"}}),
             "dpo_lora_fsdp2": ("cli", "dpo", pairs, {"lora": {"r": 4}, "distributed": {"strategy": "fsdp2"}}),
             "dpo_qlora": ("cli", "dpo", pairs, {"lora": QLORA}),
+            # (And an evaluation between the steps: no-grad passes, then a training step.)
+            "dpo_fsdp2_odd_eval": ("cli", "dpo", pairs, {"eval_file": odd_pairs, "eval_steps": 1, **FSDP2}),
+            "kto_fsdp2_odd_eval": ("cli", "kto", pairs, {"eval_file": odd_unpaired, "eval_steps": 1, **FSDP2}),
             "grpo": ("online", "grpo", prompts, {"num_iterations": 2}),
             "dapo": ("online", "dapo", prompts, {"max_steps": 3}),
             "rloo": ("online", "rloo", prompts, {}),
@@ -307,6 +318,8 @@ SCENARIOS = [
     "dpo_fsdp2",
     "dpo_lora_fsdp2",
     "dpo_qlora",
+    "dpo_fsdp2_odd_eval",
+    "kto_fsdp2_odd_eval",
     "grpo",
     "dapo",
     "rloo",
@@ -350,6 +363,17 @@ def test_two_processes_compute_the_reference_cache_together(runs: Runs) -> None:
 @pytest.mark.parametrize("name", ["ppo", "ppo_fsdp2"])
 def test_ppo_critic_is_the_same(name: str, runs: Runs) -> None:
     assert_same_weights(runs.single / name / "critic", runs.double / name / "critic")
+
+
+@pytest.mark.parametrize("name", ["dpo_fsdp2_odd_eval", "kto_fsdp2_odd_eval"])
+def test_fsdp2_evaluates_every_example(name: str, runs: Runs) -> None:
+    """An eval split that does not split evenly (29 examples): every example counts under fsdp2 too (the
+    process a micro-batch short runs a filler and drops its figures), KTO's KL baseline over it included."""
+    summary = [json.loads((where / name / "summary.json").read_text()) for where in (runs.single, runs.double)]
+    for key in ("heldout_before", "heldout_after"):
+        assert summary[0][key].keys() == summary[1][key].keys()
+        for figure, value in summary[0][key].items():
+            assert summary[1][key][figure] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, figure)
 
 
 def test_fsdp2_samples_what_ddp_samples(runs: Runs) -> None:

@@ -214,17 +214,21 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         """The KL baseline ``z0`` of the global batch ``records``: a detached 0-dim float64 tensor, >= 0.
 
         The paper's ``max(0, (1/m) Σ log π_θ(y'|x') / π_ref(y'|x'))`` over the mismatched pairs of the
-        batch (Section 4.1, "Implementation"), in micro-batches of ``micro_batch_size``.
+        batch (Section 4.1, "Implementation"), in micro-batches of ``micro_batch_size``; each process scores
+        its share (in lockstep under fsdp2: a share a micro-batch short runs a filler) and the sums are added.
         """
         micro = self.config.micro_batch_size or self.config.batch_size
         pad_id = self.tokenizer.pad_token_id
+        mine = records[distributed.shard(len(records))]
+        chunks = [mine[start : start + micro] for start in range(0, len(mine), micro)]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of log-ratios, count]
-        with torch.no_grad(), evaluation_mode(model):  # a deterministic estimate: dropout off
-            for start in range(0, len(records), micro):
-                batch = collate_unpaired(records[start : start + micro], pad_id, kl=True, layout=self.layout)
+        with distributed.forward_only(model), evaluation_mode(model):  # a deterministic estimate: dropout off
+            for chunk, real in distributed.lockstep(chunks, model, filler=records[:1]):
+                batch = collate_unpaired(chunk, pad_id, kl=True, layout=self.layout)
                 ratios = self.score(model, batch) - self.references[split].logps(batch).to(self.device)
-                totals[0] += ratios.to(self.device, torch.float64).sum()
-                totals[1] += len(batch)
+                if real:
+                    totals[0] += ratios.to(self.device, torch.float64).sum()
+                    totals[1] += len(batch)
         distributed.all_reduce_sum(totals)
         return (totals[0] / totals[1]).clamp(min=0.0)
 

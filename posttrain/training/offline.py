@@ -136,20 +136,19 @@ def evaluate(
     """The task's loss and metrics over a whole eval split, with the same reduction as training; each process
     scores its share of the records and the sums are added over the processes.
 
-    FSDP2 gathers weights in every forward, so its processes must run as many forwards each: the records
-    are cut to a multiple of the number of processes (at most ``processes - 1`` left out)."""
-    if distributed.is_sharded(model):
-        records = records[: len(records) - len(records) % distributed.world_size()]
+    FSDP2 gathers weights in every forward, so its processes must run as many forwards each: a share a
+    micro-batch short runs a filler whose figures are dropped (:func:`posttrain.distributed.lockstep`)."""
     counts = task.counts(records)
     mine = records[distributed.shard(len(records))]
+    chunks = [mine[start : start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)]
     sums = MetricSums()
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        context = task.step_context(model, mine, "eval")
-        for start in range(0, len(mine), micro_batch_size):
-            batch = task.collate(mine[start : start + micro_batch_size])
-            task.loss(model, batch, "eval", counts, sums, context, at_start=at_start)
+    with distributed.forward_only(model):
+        context = task.step_context(model, records, "eval")
+        for chunk, real in distributed.lockstep(chunks, model, filler=records[:1]):
+            task.loss(model, task.collate(chunk), "eval", counts, sums if real else MetricSums(), context,
+                      at_start=at_start)  # fmt: skip
     model.train(was_training)
     return task.finish_figures(sums.mean(counts))
 
@@ -288,7 +287,7 @@ def run(
         step_records = [records[i] for i in batch_indices(step, len(records), config.batch_size, config.seed)]
         counts = task.counts(step_records)  # global: the loss of each micro-batch is divided by these
         mine = step_records[distributed.shard(len(step_records))]  # this process's share of the global batch
-        context = task.step_context(policy, mine, "train")  # summed over the processes inside
+        context = task.step_context(policy, step_records, "train")  # each process scores its share inside
         sums = MetricSums()
         tokens = 0
         for mb_start in range(0, len(mine), micro):

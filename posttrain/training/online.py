@@ -316,7 +316,8 @@ def run_online(
                                                   draw_seed, tokenizer.pad_token_id)  # fmt: skip
         everything = torch.arange(len(s.rewards))
         t_sampled = time.perf_counter()
-        with torch.no_grad():  # reference and old-policy log-probs (and old values) before any update
+        # Reference and old-policy log-probs (and old values) before any update.
+        with distributed.forward_only(policy, *([critic] if critic is not None else [])):
             # Each process scores its share of the rows; the shares are gathered, so that advantages, KL
             # penalties and PPO's whitening are computed over the whole rollout, as with one process.
             # (fsdp2: every process runs as many forwards, a filler row where its share is a micro-batch short)

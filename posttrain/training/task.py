@@ -179,7 +179,8 @@ class OfflineTask(ABC, Generic[R, B]):
         return tables
 
     def step_context(self, model: nn.Module, records: Sequence[R], split: str) -> Any:
-        """Statistics of the whole global batch that every micro-batch needs (KTO's KL baseline)."""
+        """Statistics of the whole global batch ``records`` that every micro-batch needs (KTO's KL baseline);
+        every process calls it with the same ``records`` and scores its own share."""
         return None
 
     # ---- the loss
