@@ -16,10 +16,11 @@ in this (single) process:
   by at most ``3e-9`` instead of up to ``lr`` in either direction, as with the default 1e-8,
 
 for DPO, SFT, KTO, reward models, GRPO, DAPO, RLOO, PPO and iterative DPO under ``ddp`` (scripted sampling:
-shards of the prompts draw what one process draws for all of them), DPO, GRPO, DAPO and PPO (with a
-minibatch that leaves one process without a row) under ``fsdp2``, LoRA under both, and QLoRA (a 4-bit
-base, bitsandbytes on CPU) for DPO and GRPO under ``ddp``. Under ``fsdp2``, DPO and KTO evaluate a split of
-29 examples between and after their steps: every example counts, as with one process. With the transformers
+shards of the prompts draw what one process draws for all of them), DPO, SFT, KTO, reward models, SimPO,
+ORPO, GRPO, DAPO, RLOO and PPO (with a minibatch that leaves one process without a row) under ``fsdp2``,
+LoRA under both, and QLoRA (a 4-bit base, bitsandbytes on CPU) for DPO and GRPO under ``ddp``. The offline
+fsdp2 runs evaluate between and after their steps (DPO, KTO and reward models on a split of 29 examples:
+every example counts, as with one process). With the transformers
 sampler, two fsdp2 processes draw and train what two ddp processes do. Checkpoints saved by two processes
 resume on one and the other way round (ddp and fsdp2, offline and online), and equal an uninterrupted run.
 """
@@ -178,6 +179,10 @@ class Runs:
             # (And an evaluation between the steps: no-grad passes, then a training step.)
             "dpo_fsdp2_odd_eval": ("cli", "dpo", pairs, {"eval_file": odd_pairs, "eval_steps": 1, **FSDP2}),
             "kto_fsdp2_odd_eval": ("cli", "kto", pairs, {"eval_file": odd_unpaired, "eval_steps": 1, **FSDP2}),
+            "sft_fsdp2": ("cli", "sft", pairs, {"eval_steps": 1, **FSDP2}),
+            "reward_fsdp2": ("cli", "reward", pairs, {"eval_file": odd_pairs, "eval_steps": 1, **FSDP2}),
+            "simpo_fsdp2": ("cli", "simpo", pairs, {"eval_steps": 1, **FSDP2}),
+            "orpo_fsdp2": ("cli", "orpo", pairs, {"eval_steps": 1, **FSDP2}),
             "grpo": ("online", "grpo", prompts, {"num_iterations": 2}),
             "dapo": ("online", "dapo", prompts, {"max_steps": 3}),
             "rloo": ("online", "rloo", prompts, {}),
@@ -186,6 +191,7 @@ class Runs:
             "iterative_dpo": ("iterative", "iterative_dpo", prompts, ITERATIVE),
             "grpo_fsdp2": ("online", "grpo", prompts, {"num_iterations": 2, **FSDP2}),
             "dapo_fsdp2": ("online", "dapo", prompts, {"max_steps": 3, **FSDP2}),
+            "rloo_fsdp2": ("online", "rloo", prompts, FSDP2),
             # One row per micro-batch, 4 rows in minibatches of 2, 1 and 1: the first process has no row of
             # the last two, and runs a filler forward and backward for each (fsdp2's collectives).
             "ppo_fsdp2": ("online", "ppo", prompts, {**PPO_UNEVEN, "save_steps": 1, **FSDP2}),
@@ -320,6 +326,10 @@ SCENARIOS = [
     "dpo_qlora",
     "dpo_fsdp2_odd_eval",
     "kto_fsdp2_odd_eval",
+    "sft_fsdp2",
+    "reward_fsdp2",
+    "simpo_fsdp2",
+    "orpo_fsdp2",
     "grpo",
     "dapo",
     "rloo",
@@ -327,6 +337,7 @@ SCENARIOS = [
     "grpo_qlora",
     "grpo_fsdp2",
     "dapo_fsdp2",
+    "rloo_fsdp2",
     "ppo_fsdp2",
     "ppo_lora_fsdp2",
 ]
