@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import posttrain
+from posttrain.training import checkpoint
 
 BUNDLED_TRAIN = Path(posttrain.__file__).parent / "bundled" / "prefs_train.jsonl"
 
@@ -58,3 +62,35 @@ def assert_plain_transformers_loads(model_dir: Path) -> None:
     with torch.no_grad():
         here = float(model(**tokenizer("What is 2 + 2?", return_tensors="pt")).logits.sum())
     assert abs(plain - here) <= 1e-6 * abs(here), (plain, here)
+
+
+def killed_after_first_checkpoint(run: Callable[[], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Call ``run`` with the process "killed" (KeyboardInterrupt) right after it writes its first checkpoint,
+    as a run stopped there leaves its output_dir; the real ``save_checkpoint`` is back afterwards."""
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Path:
+        save(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+
+
+def assert_same_causal_lm_run(straight: Any, resumed: Any) -> None:
+    """Two runs' final models (plain causal LMs) equal within 1e-7, and their logged training losses equal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.training.metrics import read_metrics
+
+    a = AutoModelForCausalLM.from_pretrained(straight.model_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed.model_dir).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
+    losses = lambda r: [m["loss"] for m in read_metrics(r.metrics_path) if m["split"] == "train"]  # noqa: E731
+    assert losses(resumed) == losses(straight)

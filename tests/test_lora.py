@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import run_config
+from support import assert_same_causal_lm_run, killed_after_first_checkpoint, run_config
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -16,8 +16,6 @@ from posttrain.config import LoraConfig, load
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.model.lora import adapters_off, apply_lora
 from posttrain.model.reference import FrozenReference, weights_digest
-from posttrain.training import checkpoint
-from posttrain.training.metrics import read_metrics
 from posttrain.training.pairs import PairTask
 
 pytest.importorskip("peft")
@@ -89,24 +87,10 @@ def test_lora_resume_equals_uninterrupted(
 ) -> None:
     extra = {"max_steps": 4, "save_steps": 2}
     straight = posttrain.train(lora_config(tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
     cfg = lora_config(tiny_model_dir, pairs_file, tmp_path / "resumed", **extra)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        posttrain.train(cfg)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)
     resumed = posttrain.train(cfg, resume=True)
-    a = AutoModelForCausalLM.from_pretrained(straight.model_dir).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(resumed.model_dir).state_dict()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
-    losses = lambda r: [m["loss"] for m in read_metrics(r.metrics_path) if m["split"] == "train"]  # noqa: E731
-    assert losses(resumed) == losses(straight)
+    assert_same_causal_lm_run(straight, resumed)
 
 
 def test_lora_config_is_validated() -> None:

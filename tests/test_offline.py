@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import assert_plain_transformers_loads, first_bundled_pairs, run_config
+from support import assert_plain_transformers_loads, first_bundled_pairs, killed_after_first_checkpoint, run_config
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -112,17 +112,8 @@ def test_resume_equals_uninterrupted(
     extra = {"max_steps": 6, "save_steps": 3, "lr_scheduler": "cosine", "warmup_ratio": 0.2}
     straight = posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
 
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        save(*args, **kwargs)
-        raise KeyboardInterrupt("killed after the checkpoint")
-
     cfg = tiny_config(tiny_model_dir, pairs_file, tmp_path / "resumed", **extra)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        posttrain.train(cfg)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)
     assert checkpoint.latest_checkpoint(tmp_path / "resumed") == tmp_path / "resumed" / "checkpoints" / "step-000003"
     resumed = posttrain.train(cfg, resume=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import killed_after_first_checkpoint
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -181,22 +182,11 @@ def test_resume_equals_uninterrupted(
     PPO's critic) and every later step's figures equal a straight run's (sampling seeds follow the step)."""
     import torch
 
-    from posttrain.training import checkpoint
-
     extra: dict[str, Any] = {"max_steps": 4, "save_steps": 2, "lr_scheduler": "cosine", "beta": 0.04}
     extra |= {"num_iterations": 2} if method == "grpo" else {"num_generations": 2, "num_mini_batches": 2}
     straight = run(online_config(method, tiny_model_dir, prompts_file, tmp_path / "straight", **extra))
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        save(*args, **kwargs)
-        raise KeyboardInterrupt("killed after the checkpoint")
-
     cfg = online_config(method, tiny_model_dir, prompts_file, tmp_path / "resumed", **extra)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    killed_after_first_checkpoint(lambda: run(cfg), monkeypatch)
     result = run_online(load(cfg), resume=True,
                         generator_factory=lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m))  # fmt: skip
     resumed = [m for m in read_metrics(result.metrics_path) if m["split"] == "train"]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from support import killed_after_first_checkpoint
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -20,7 +21,6 @@ from posttrain.data.formats import DataError
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.model.reference import compute_pair_logps
 from posttrain.pipeline import PipelineError, Stage, is_pipeline, run_pipeline, validate
-from posttrain.training import checkpoint
 from posttrain.training.metrics import read_metrics
 from posttrain.training.pairs import PairTask
 
@@ -159,17 +159,9 @@ def test_resume_continues_the_unfinished_stage(
     stages = [{"name": "sft", "method": "sft", "max_steps": 3}, {"method": "dpo", "max_steps": 4, "save_steps": 2}]
     straight = run_pipeline(sft_dpo(tiny_model_dir, pairs_file, tmp_path / "straight", stages=stages))
 
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        save(*args, **kwargs)
-        raise KeyboardInterrupt("killed after the checkpoint")
-
     config = sft_dpo(tiny_model_dir, pairs_file, tmp_path / "run", stages=stages)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):  # not wrapped: an interrupt is not a stage failure
-        run_pipeline(config)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    # (The KeyboardInterrupt comes through unwrapped: an interrupt is not a stage failure.)
+    killed_after_first_checkpoint(lambda: run_pipeline(config), monkeypatch)
     with pytest.raises(ConfigError, match=r"^stages\[1\] \(1-dpo\): output_dir: .* pass --resume"):
         run_pipeline(config)
     capsys.readouterr()

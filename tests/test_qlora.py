@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from support import assert_plain_transformers_loads, first_bundled_pairs, run_config
+from support import (
+    assert_plain_transformers_loads,
+    assert_same_causal_lm_run,
+    first_bundled_pairs,
+    killed_after_first_checkpoint,
+    run_config,
+)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import posttrain
@@ -21,7 +27,6 @@ from posttrain.model import lora
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.model.reference import weights_digest
 from posttrain.rollout.generate import ScriptedGenerator
-from posttrain.training import checkpoint
 from posttrain.training.metrics import read_metrics
 from posttrain.training.online import run_online
 from posttrain.training.pairs import PairTask
@@ -143,24 +148,10 @@ def test_qlora_resume_equals_uninterrupted(
     """A checkpoint holds the adapters; resuming quantizes the base again, to the same 4-bit weights."""
     extra = {"lora": QLORA, "max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}
     straight = posttrain.train(run_config("dpo", tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        save(*args, **kwargs)
-        raise KeyboardInterrupt
-
     cfg = run_config("dpo", tiny_model_dir, pairs_file, tmp_path / "resumed", **extra)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        posttrain.train(cfg)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)
     resumed = posttrain.train(cfg, resume=True)
-    a = AutoModelForCausalLM.from_pretrained(straight.model_dir).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(resumed.model_dir).state_dict()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
-    losses = lambda r: [m["loss"] for m in read_metrics(r.metrics_path) if m["split"] == "train"]  # noqa: E731
-    assert losses(resumed) == losses(straight)
+    assert_same_causal_lm_run(straight, resumed)
 
 
 def test_qlora_grpo_starts_at_the_reference_and_saves_a_plain_model(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import run_config
+from support import killed_after_first_checkpoint, run_config
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import posttrain
@@ -28,7 +28,6 @@ from posttrain.data.tokenize import Renderer, tokenize_preferences
 from posttrain.fixtures import build_model, build_tokenizer
 from posttrain.model.load import REWARD_PAD_TOKEN, add_distinct_pad, load_tokenizer
 from posttrain.rewards import RewardModelScorer
-from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricSums, read_metrics
 from posttrain.training.offline import split_eval
 from posttrain.training.reward import RewardTask, collate_reward_pairs
@@ -278,17 +277,8 @@ def test_resume_equals_uninterrupted(
     """Resuming loads the step-2 checkpoint, itself a sequence classifier with the grown vocabulary."""
     extra = {"max_steps": 4, "save_steps": 2}
     straight = posttrain.train(reward_config(eos_pad_model_dir, pairs_file, tmp_path / "straight", **extra))
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(*args: Any, **kwargs: Any) -> Path:
-        save(*args, **kwargs)
-        raise KeyboardInterrupt("killed after the checkpoint")
-
     cfg = reward_config(eos_pad_model_dir, pairs_file, tmp_path / "resumed", **extra)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        posttrain.train(cfg)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)
     resumed = posttrain.train(cfg, resume=True)
     a = AutoModelForSequenceClassification.from_pretrained(straight.model_dir).state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(resumed.model_dir).state_dict()
