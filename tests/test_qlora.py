@@ -212,3 +212,20 @@ def test_qlora_without_bitsandbytes_is_a_one_line_error(
     with pytest.raises(ConfigError, match=r"^lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install"):
         posttrain.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_qlora_under_bf16_dequantizes_to_bf16_and_saves_fp32(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """``precision: bf16``: the 4-bit weights are dequantized to bf16 for each matmul; the saved model is fp32."""
+    import bitsandbytes as bnb
+
+    arguments = lora.four_bit(LoraConfig(load_in_4bit=True), "bf16", CPU)
+    assert arguments["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+    model = load_causal_lm(str(tiny_model_dir), quantized=arguments)
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.bfloat16}
+    cfg = run_config("dpo", tiny_model_dir, pairs_file, tmp_path / "run", lora=QLORA, max_steps=6, learning_rate=1e-2)
+    result = posttrain.train({**cfg, "precision": "bf16"})
+    assert result.summary["heldout_after"]["loss"] < result.summary["heldout_before"]["loss"]
+    saved = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
