@@ -163,6 +163,12 @@ def shard(n: int) -> slice:
     return slice(n * r // w, n * (r + 1) // w)
 
 
+def my_chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """This rank's share of ``items`` (:func:`shard`) cut into micro-batches of ``size`` (the last shorter)."""
+    mine = items[shard(len(items))]
+    return [mine[start : start + size] for start in range(0, len(mine), size)]
+
+
 # ----------------------------------------------------------------------------------- models, gradients
 
 
@@ -238,12 +244,10 @@ def full_weights(model: nn.Module) -> Iterator[None]:
     engines do with the trained weights too); memory: the full weights for the duration of the block,
     gradients and optimizer state stay sharded. Every process must enter the block (the gather is
     collective)."""
-    from torch.distributed.fsdp import FSDPModule
-
     if not is_sharded(model):
         yield
         return
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = _units(model)
     root = units[0]  # the outermost unit (the decoder, or the whole model without an LM head)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -270,13 +274,18 @@ def forward_only(*models: nn.Module) -> Iterator[None]:
     start: it gathers and hooks each unit again."""
     with torch.no_grad():
         yield
+    for model in models:
+        for unit in _units(model):
+            unit.reshard()
+
+
+def _units(model: nn.Module) -> list[Any]:
+    """The FSDP units (``FSDPModule``) of ``model``, outermost first; none when it is not sharded."""
+    if not is_sharded(model):
+        return []
     from torch.distributed.fsdp import FSDPModule
 
-    for model in models:
-        if is_sharded(model):
-            for unit in model.modules():
-                if isinstance(unit, FSDPModule):
-                    unit.reshard()
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def lockstep(chunks: Sequence[T], model: nn.Module, filler: T) -> list[tuple[T, bool]]:

@@ -309,18 +309,23 @@ def test_z0_agrees_across_data_parallel_shards(
     double_models: tuple[nn.Module, nn.Module],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two ranks holding half the batch each sum their totals: each gets the z0 of the whole batch."""
+    """Two ranks, each given the global batch, score their half and sum their totals: each gets the z0 of
+    the whole batch (the ranks simulated in this process)."""
     policy, reference = double_models
     task = make_task(tiny_model_dir, unpaired_file, 2, reference)
     records, _ = task.load_records(str(unpaired_file), "train")
     full = task.step_context(policy, records[:8], "train")
-    alone = task.step_context(policy, records[:4], "train")
+    monkeypatch.setattr(kto_task.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(kto_task.distributed, "rank", lambda: 0)
+    alone = task.step_context(policy, records[:8], "train")  # rank 0's half, nothing added
     assert full > 0 and abs(float(alone - full)) > 0.01  # a shard alone would get another baseline
     seen: list[torch.Tensor] = []
     monkeypatch.setattr(kto_task.distributed, "all_reduce_sum", lambda t: seen.append(t.clone()) or t)
-    task.step_context(policy, records[4:8], "train")  # rank 1's shard: record its totals
+    monkeypatch.setattr(kto_task.distributed, "rank", lambda: 1)
+    task.step_context(policy, records[:8], "train")  # rank 1: record its totals
     monkeypatch.setattr(kto_task.distributed, "all_reduce_sum", lambda t: t.add_(seen[0]))
-    rank0 = task.step_context(policy, records[:4], "train")
+    monkeypatch.setattr(kto_task.distributed, "rank", lambda: 0)
+    rank0 = task.step_context(policy, records[:8], "train")
     torch.testing.assert_close(rank0, full, rtol=1e-12, atol=0)
 
 

@@ -113,8 +113,10 @@ def test_merged_is_a_plain_model_computing_the_4bit_model(
         build_model(tokenizer, arch=arch).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     model = load_4bit(model_dir, target_modules=targets)
+    model.generation_config.max_new_tokens, model.generation_config.eos_token_id = 77, [2, 3]
     expected = logits(model, IDS)
     merged = lora.merged(model)
+    assert (merged.generation_config.max_new_tokens, merged.generation_config.eos_token_id) == (77, [2, 3])
     assert type(merged) is type(lora.base_model(model)) and not hasattr(merged.config, "quantization_config")
     assert all(type(m) is not type(model) and "Linear4bit" not in type(m).__name__ for m in merged.modules())
     torch.testing.assert_close(logits(merged, IDS), expected, rtol=0, atol=2e-6)
@@ -229,3 +231,17 @@ def test_qlora_under_bf16_dequantizes_to_bf16_and_saves_fp32(
     assert result.summary["heldout_after"]["loss"] < result.summary["heldout_before"]["loss"]
     saved = AutoModelForCausalLM.from_pretrained(result.model_dir)
     assert {p.dtype for p in saved.parameters()} == {torch.float32}
+
+
+def test_qlora_with_a_bitsandbytes_too_old_for_cpus_is_a_one_line_error(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.5" if name == "bitsandbytes" else real(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = run_config("dpo", tiny_model_dir, pairs_file, tmp_path / "run", lora=QLORA)
+    with pytest.raises(ConfigError, match=r"^lora.load_in_4bit: bitsandbytes 0.45.5 has no CPU 4-bit layers"):
+        posttrain.train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -44,6 +44,15 @@ def check_quantization(config: TrainConfig) -> None:
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install 'posttrain[qlora]'")
+    if not torch.cuda.is_available():  # bitsandbytes' 4-bit layers run on CPU from 0.50 on (tested: 0.50.2)
+        import importlib.metadata
+
+        version = importlib.metadata.version("bitsandbytes")
+        if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (0, 50):
+            raise ConfigError(
+                f"lora.load_in_4bit: bitsandbytes {version} has no CPU 4-bit layers and there is no CUDA GPU; "
+                "pip install 'bitsandbytes>=0.50'"
+            )
     if config.distributed.strategy == "fsdp2":
         raise ConfigError(
             "lora.load_in_4bit: not with distributed.strategy: fsdp2 (FSDP2 cannot shard bitsandbytes' packed 4-bit "
@@ -146,7 +155,8 @@ def merged(model: nn.Module) -> nn.Module:
     would quantize the merged weight again (4-bit in, 4-bit out) and, on a full-precision base, needs a
     deep copy of the whole model first; here the new model is built empty (meta device) and takes the
     tensors it shares with ``model`` as they are (embeddings, norms, heads), so only the merged layers and
-    the dequantized ones are new memory.
+    the dequantized ones are new memory, and on the CPU: saving a model trained on an accelerator does not
+    build a second, full-precision copy there. Its ``generation_config`` is the trained model's.
     """
     inner = base_model(model)
     config = copy.deepcopy(inner.config)
@@ -154,13 +164,21 @@ def merged(model: nn.Module) -> nn.Module:
         del config.quantization_config
     with torch.device("meta"):
         plain: nn.Module = type(inner)._from_config(config, dtype=torch.float32)  # type: ignore[attr-defined]
+    if getattr(inner, "generation_config", None) is not None:  # sampling defaults, extra EOS ids
+        plain.generation_config = copy.deepcopy(inner.generation_config)
     state = {key: _merged_tensor(inner, key) for key in plain.state_dict()}
     plain.load_state_dict(state, assign=True)
     for key, buffer in list(plain.named_buffers()):  # non-persistent buffers (rotary frequencies): as they are
         if buffer.is_meta:
             owner, _, name = key.rpartition(".")
-            setattr(plain.get_submodule(owner), name, _source(inner, owner).get_buffer(name).float())
+            setattr(plain.get_submodule(owner), name, _plain(_source(inner, owner).get_buffer(name)))
     return plain.eval().requires_grad_(False)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU (a merged model is built to be saved: no second copy on the accelerator), floats in fp32."""
+    tensor = tensor.detach().to("cpu")
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _source(root: nn.Module, path: str) -> nn.Module:
@@ -169,8 +187,10 @@ def _source(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split(".") if path else ():
         module = getattr(module, part)
-        if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
-            module = module.modules_to_save[module.active_adapter]
+        if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):  # what its forward runs
+            active = [a for a in module.active_adapters if a in module.modules_to_save]
+            off = getattr(module, "disable_adapters", False) or not active
+            module = module.original_module if off else module.modules_to_save[active[0]]
     return module
 
 
@@ -184,9 +204,9 @@ def _merged_tensor(inner: nn.Module, key: str) -> torch.Tensor:
         import bitsandbytes.functional as bnb_functional
 
         value = bnb_functional.dequantize_4bit(value.data, value.quant_state)
-    value = value.detach().float()
-    if adapted and name == "weight":
+    value = _plain(value)
+    if adapted and name == "weight" and not getattr(module, "disable_adapters", False):
         for active in module.active_adapters:  # type: ignore[union-attr]
             if active in module.lora_A:  # type: ignore[operator]
-                value = value + module.get_delta_weight(active).detach().float()  # type: ignore[operator]
+                value = value + _plain(module.get_delta_weight(active))  # type: ignore[operator]
     return value

@@ -219,8 +219,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         """
         micro = self.config.micro_batch_size or self.config.batch_size
         pad_id = self.tokenizer.pad_token_id
-        mine = records[distributed.shard(len(records))]
-        chunks = [mine[start : start + micro] for start in range(0, len(mine), micro)]
+        chunks = distributed.my_chunks(records, micro)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of log-ratios, count]
         with distributed.forward_only(model), evaluation_mode(model):  # a deterministic estimate: dropout off
             for chunk, real in distributed.lockstep(chunks, model, filler=records[:1]):

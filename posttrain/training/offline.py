@@ -139,8 +139,7 @@ def evaluate(
     FSDP2 gathers weights in every forward, so its processes must run as many forwards each: a share a
     micro-batch short runs a filler whose figures are dropped (:func:`posttrain.distributed.lockstep`)."""
     counts = task.counts(records)
-    mine = records[distributed.shard(len(records))]
-    chunks = [mine[start : start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)]
+    chunks = distributed.my_chunks(records, micro_batch_size)
     sums = MetricSums()
     was_training = model.training
     model.eval()
@@ -166,7 +165,7 @@ def check_processes(config: TrainConfig) -> None:
 
 def load_policy(task: OfflineTask[Any, Any], config: TrainConfig, device: torch.device) -> nn.Module:
     """The policy at its starting weights (with fresh LoRA adapters when configured), on ``device``."""
-    policy = task.load_model(config.model).to(device)
+    policy = task.load_model(config.model, device=device).to(device)
     if config.lora is not None:  # only the adapters train; the base doubles as the reference
         policy = lora.apply_lora(policy, config.lora, task.lora_task_type)
         if config.gradient_checkpointing:

@@ -84,14 +84,14 @@ class RewardTask(OfflineTask[PreferenceRecord, RewardBatch]):
         return pair_counts(records)
 
     # ---- the model: a sequence classifier, from a causal LM (new head) or a saved reward model (resume)
-    def load_model(self, name: str, trainable: bool = True) -> nn.Module:
+    def load_model(self, name: str, trainable: bool = True, device: torch.device | None = None) -> nn.Module:
         gradient_checkpointing = self.config.gradient_checkpointing
         return load_reward_model(
             name,
             self.tokenizer,
             trainable=trainable,
             gradient_checkpointing=gradient_checkpointing,
-            quantized=self.quantized(trainable),
+            quantized=self.quantized(trainable, device),
         )
 
     def score(self, model: nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:

@@ -86,18 +86,19 @@ class OfflineTask(ABC, Generic[R, B]):
     def counts(self, records: Sequence[R]) -> Counts: ...
 
     # ---- models
-    def load_model(self, name: str, trainable: bool = True) -> nn.Module:
-        """The model ``name``: the one to train (its base in 4-bit under QLoRA) or a frozen one."""
+    def load_model(self, name: str, trainable: bool = True, device: torch.device | None = None) -> nn.Module:
+        """The model ``name``: the one to train (its base in 4-bit under QLoRA, loaded onto ``device``,
+        default the task's) or a frozen one."""
         return load_causal_lm(
             name,
             trainable=trainable,
             gradient_checkpointing=self.config.gradient_checkpointing,
-            quantized=self.quantized(trainable),
+            quantized=self.quantized(trainable, device),
         )
 
-    def quantized(self, trainable: bool) -> dict[str, Any] | None:
+    def quantized(self, trainable: bool, device: torch.device | None = None) -> dict[str, Any] | None:
         """QLoRA's loading arguments for the trained model (:func:`posttrain.model.lora.four_bit`), else None."""
-        return four_bit(self.config.lora, self.config.precision, self.device) if trainable else None
+        return four_bit(self.config.lora, self.config.precision, device or self.device) if trainable else None
 
     def choose_layout(self, policy: nn.Module) -> str:
         """Resolve ``config.layout`` for this task and model (see :func:`posttrain.model.spans.resolve_layout`)."""
