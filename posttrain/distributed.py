@@ -373,18 +373,29 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
 
 def unsharded(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module | None:
     """``model`` as one plain module, for saving: itself when it is not sharded. Under ``fsdp2`` (every rank
-    must call this) the full weights are gathered to rank 0's CPU and loaded into ``rebuild()`` (a fresh
-    model of the same layout, built with the RNG left untouched); the other ranks get None."""
+    must call this) the full weights are gathered to rank 0's CPU and assigned to ``rebuild()``, which is
+    called under :func:`posttrain.model.load.empty_weights` (a skeleton of the same layout on the meta device,
+    built with the RNG left untouched; buffers that are not in the state dict come from ``model``, where
+    FSDP2 keeps them whole): rank 0 holds the gathered weights once. The other ranks get None."""
     if not is_sharded(model):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from posttrain.model.load import empty_weights
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():
         return None
-    with torch.random.fork_rng(devices=[]):
-        plain = rebuild().cpu()
-    plain.load_state_dict(full)
+    with torch.random.fork_rng(devices=[]), empty_weights():
+        plain = rebuild()
+    plain.load_state_dict(full, assign=True)
+    for name, buffer in list(plain.named_buffers()):  # non-persistent ones (rotary frequencies)
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            setattr(plain.get_submodule(owner), leaf, model.get_buffer(name).detach().to("cpu", copy=True))
+    tie = getattr(plain, "tie_weights", None)
+    if callable(tie):
+        tie()
     return plain
 
 

@@ -490,5 +490,34 @@ def test_an_empty_share_of_a_rollout_is_on_the_scoring_device(monkeypatch: pytes
     assert out.shape == (0, 5) and out.device.type == "meta"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unsharded_fills_an_empty_skeleton(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving under fsdp2 assigns the gathered weights to a skeleton built on the meta device (no second
+    copy): the result computes what the model computes, tied embeddings stay tied (qwen2), and the rotary
+    buffers come from the model. (The gathering itself is stubbed: one process, the model's own state.)"""
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    from posttrain import distributed
+    from posttrain.fixtures import build_model, build_tokenizer
+    from posttrain.model.load import empty_weights, load_causal_lm
+
+    tokenizer = build_tokenizer("chatml")
+    build_model(tokenizer, arch=arch).save_pretrained(tmp_path / arch)
+    model = load_causal_lm(str(tmp_path / arch))
+    with empty_weights():
+        skeleton = load_causal_lm(str(tmp_path / arch))
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    monkeypatch.setattr(distributed, "is_sharded", lambda m: True)
+    monkeypatch.setattr(dcp_state, "get_model_state_dict", lambda m, options: m.state_dict())
+    plain = distributed.unsharded(model, lambda: load_causal_lm(str(tmp_path / arch)))
+    assert plain is not None and plain is not model
+    assert not any(t.is_meta for t in [*plain.parameters(), *plain.buffers()])
+    if arch == "qwen2":
+        assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+    ids = torch.randint(10, 500, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

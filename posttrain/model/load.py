@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -12,6 +13,28 @@ from torch import nn
 from posttrain.config import ConfigError
 from posttrain.model import embedded
 from posttrain.model.lora import exact_4bit_kernels
+
+_EMPTY = contextvars.ContextVar("posttrain_empty_weights", default=False)
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Inside, :func:`load_causal_lm` and :func:`load_reward_model` build the model from its config on the
+    meta device (no weights read, no memory): a skeleton for weights loaded with ``assign=True`` (saving
+    under fsdp2 fills one with the gathered shards)."""
+    token = _EMPTY.set(True)
+    try:
+        yield
+    finally:
+        _EMPTY.reset(token)
+
+
+def _skeleton(auto_class: Any, name: str, **config_kwargs: Any) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded.resolve(name), **config_kwargs)
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=torch.float32)
 
 
 def load_tokenizer(name: str) -> Any:
@@ -34,6 +57,8 @@ def load_causal_lm(
     ``quantized``: :func:`posttrain.model.lora.four_bit`'s arguments (QLoRA's 4-bit base)."""
     from transformers import AutoModelForCausalLM
 
+    if _EMPTY.get():
+        return ready(_skeleton(AutoModelForCausalLM, name), trainable, gradient_checkpointing)
     try:
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             embedded.resolve(name), dtype=torch.float32, output_loading_info=True, **(quantized or {})
@@ -131,9 +156,12 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            embedded.resolve(name), num_labels=1, dtype=torch.float32, **(quantized or {})
-        )
+        if _EMPTY.get():
+            model = _skeleton(AutoModelForSequenceClassification, name, num_labels=1)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                embedded.resolve(name), num_labels=1, dtype=torch.float32, **(quantized or {})
+            )
     except OSError as err:
         raise ConfigError(f"model: cannot load {name!r}: {str(err).splitlines()[0]}") from err
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -163,9 +163,11 @@ def check_processes(config: TrainConfig) -> None:
         )
 
 
-def load_policy(task: OfflineTask[Any, Any], config: TrainConfig, device: torch.device) -> nn.Module:
-    """The policy at its starting weights (with fresh LoRA adapters when configured), on ``device``."""
-    policy = task.load_model(config.model, device=device).to(device)
+def load_policy(task: OfflineTask[Any, Any], config: TrainConfig, device: torch.device | None) -> nn.Module:
+    """The policy at its starting weights (with fresh LoRA adapters when configured), on ``device`` (None:
+    where it was built, e.g. a skeleton's meta device)."""
+    policy = task.load_model(config.model, device=device)
+    policy = policy if device is None else policy.to(device)
     if config.lora is not None:  # only the adapters train; the base doubles as the reference
         policy = lora.apply_lora(policy, config.lora, task.lora_task_type)
         if config.gradient_checkpointing:
@@ -252,7 +254,7 @@ def run(
         """The checkpoint of ``step`` (and the final model into ``model_dir``): full, unsharded state, so
         any number of processes can resume it. Every process takes part (gathering shards is collective);
         the first one writes."""
-        plain = distributed.unsharded(policy, lambda: load_policy(task, config, torch.device("cpu")))
+        plain = distributed.unsharded(policy, lambda: load_policy(task, config, None))
         opt_state = distributed.optimizer_state(policy, optimizer) if config.save_steps else {}
         if plain is not None and distributed.is_main():
             if model_dir is not None:

@@ -170,10 +170,10 @@ def run_online(
     device = distributed.device()
     strategy = config.distributed.strategy
 
-    def start_policy(where: torch.device) -> nn.Module:  # the starting weights (fresh adapters with LoRA)
-        quantized = lora.four_bit(config.lora, config.precision, where)  # QLoRA: the base in 4-bit
+    def start_policy(where: torch.device | None) -> nn.Module:  # the starting weights (fresh adapters with LoRA)
+        quantized = lora.four_bit(config.lora, config.precision, where or device)  # QLoRA: the base in 4-bit
         model = load_causal_lm(config.model, gradient_checkpointing=config.gradient_checkpointing, quantized=quantized)
-        model = model.to(where)
+        model = model if where is None else model.to(where)  # (None: a skeleton, on the meta device)
         return lora.apply_lora(model, config.lora) if config.lora is not None else model
 
     policy = start_policy(device)
@@ -262,7 +262,7 @@ def run_online(
     def plain_models() -> tuple[nn.Module | None, nn.Module | None]:
         """The policy and the critic as plain modules, for saving (the first process; every process takes
         part: under fsdp2 the shards are gathered)."""
-        plain = distributed.unsharded(policy, lambda: start_policy(torch.device("cpu")))
+        plain = distributed.unsharded(policy, lambda: start_policy(None))
         plain_critic = None
         if critic is not None:
             plain_critic = distributed.unsharded(critic, start_critic or (lambda: critic))
