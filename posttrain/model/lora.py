@@ -153,10 +153,10 @@ def merged(model: nn.Module) -> nn.Module:
     Merging into the dequantized base, not into the original full-precision weights, keeps the function the
     adapters were trained with (they learnt to correct the quantized W). peft's own ``merge_and_unload``
     would quantize the merged weight again (4-bit in, 4-bit out) and, on a full-precision base, needs a
-    deep copy of the whole model first; here the new model is built empty (meta device) and takes the
-    tensors it shares with ``model`` as they are (embeddings, norms, heads), so only the merged layers and
-    the dequantized ones are new memory, and on the CPU: saving a model trained on an accelerator does not
-    build a second, full-precision copy there. Its ``generation_config`` is the trained model's.
+    deep copy of the whole model first; here the new model is built empty (meta device) and filled on the
+    CPU. From a model on the CPU it takes the unchanged tensors (embeddings, norms, heads) as they are, so
+    only the merged and dequantized layers are new memory; a model on an accelerator is copied to the CPU,
+    so no second, full-precision copy is built there. Its ``generation_config`` is the trained model's.
     """
     inner = base_model(model)
     config = copy.deepcopy(inner.config)
@@ -168,6 +168,7 @@ def merged(model: nn.Module) -> nn.Module:
         plain.generation_config = copy.deepcopy(inner.generation_config)
     state = {key: _merged_tensor(inner, key) for key in plain.state_dict()}
     plain.load_state_dict(state, assign=True)
+    plain.tie_weights()  # type: ignore[operator] # (tied embeddings: one tensor again, whatever the copies did)
     for key, buffer in list(plain.named_buffers()):  # non-persistent buffers (rotary frequencies): as they are
         if buffer.is_meta:
             owner, _, name = key.rpartition(".")
