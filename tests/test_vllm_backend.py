@@ -143,6 +143,19 @@ def test_engine_settings(monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: PreTra
     assert os.environ[ENV] == "0"  # colocated: the V1 engine core runs in this process
 
 
+def test_one_engine_per_torchrun_process(
+    monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Under torchrun every process builds its own engine with vLLM's external-launcher executor (its worker
+    joins the process group torchrun started; no second one is launched)."""
+    from posttrain import distributed
+
+    fake = fake_vllm(monkeypatch, script=lambda p, sp: [])
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    VLLMGenerator(tiny(tiny_tokenizer), tiny_tokenizer, "/ckpt")
+    assert fake.instances[0].kwargs["distributed_executor_backend"] == "external_launcher"
+
+
 def test_prompt_major_eos_truncation_and_seeds(
     monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from posttrain import distributed
 from posttrain.model.lora import is_lora
 from posttrain.rollout.generate import Rollout, SamplingParams, _eos_ids, cut_completion
 
@@ -101,6 +102,11 @@ class VLLMGenerator:
         self.eos_ids = _eos_ids(tokenizer, model)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (module doc)
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
+        if distributed.world_size() > 1:
+            # Under torchrun: one engine per process, on its own GPU (LOCAL_RANK), each sampling its share of
+            # the prompts. vLLM's external-launcher executor builds its one worker inside the process group
+            # torchrun started instead of starting one of its own (vLLM docs, "torchrun example").
+            extra["distributed_executor_backend"] = "external_launcher"
         self.llm: Any = vllm.LLM(
             model=model_path, tokenizer=model_path, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
             enable_prefix_caching=True, **extra,
