@@ -228,14 +228,20 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(16)))
     r = Runs(root, tiny_model_dir, first_bundled_pairs(root / "pairs.jsonl"), prompts)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if NCCL and gpus < 2:
+        pytest.fail(f"POSTTRAIN_TEST_NCCL=1 needs two CUDA GPUs (one per process); this machine has {gpus}")
     # 1. Every scenario in this process; a second single DPO run of each strategy is cut after step 1 for
-    # the two processes to resume (1 -> 2).
-    for name in r.jobs:
-        if name not in r.double_only:
-            run_here(r.job(name, r.single))
-    for name in RESUMED:
-        run_here(r.job(name, r.root / "one-to-two", grads=None))
-        truncate(r.root / "one-to-two" / name, 1)
+    # the two processes to resume (1 -> 2). On the CPU unless NCCL is asked for, like the two processes.
+    with pytest.MonkeyPatch.context() as patch:
+        if not NCCL:
+            patch.setattr(torch.cuda, "is_available", lambda: False)
+        for name in r.jobs:
+            if name not in r.double_only:
+                run_here(r.job(name, r.single))
+        for name in RESUMED:
+            run_here(r.job(name, r.root / "one-to-two", grads=None))
+            truncate(r.root / "one-to-two" / name, 1)
     # 2. One torchrun launch of two processes: every scenario, the 1 -> 2 resumptions, a second DPO run of
     # each strategy for one process to resume (2 -> 1), two refusals.
     jobs = [r.job(name, r.double) for name in r.jobs]
@@ -249,7 +255,8 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs
     jobs += [bad, vllm_fsdp2]
     jobs_file = r.root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # gloo on the CPU (a machine with one GPU could not give each process its own); NCCL on two GPUs when asked.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if NCCL else {"CUDA_VISIBLE_DEVICES": ""})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(Path(__file__).resolve()), str(jobs_file)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -342,6 +349,8 @@ SCENARIOS = [
     "ppo_lora_fsdp2",
 ]
 FSDP2 = {"distributed": {"strategy": "fsdp2"}}
+# POSTTRAIN_TEST_NCCL=1 (a machine with two CUDA GPUs): both sides on GPUs, the two processes on NCCL.
+NCCL = os.environ.get("POSTTRAIN_TEST_NCCL") == "1"
 QLORA = {"r": 4, "load_in_4bit": True}  # (ddp: fsdp2 cannot shard bitsandbytes' 4-bit weights, refused)
 PPO_UNEVEN = {"num_generations": 1, "micro_batch_size": 1, "num_mini_batches": 3}
 HF_SAMPLING = {"num_iterations": 2, "generation": {"max_new_tokens": 6, "temperature": 1.0}}
