@@ -381,22 +381,16 @@ def unsharded(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module |
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from posttrain.model.load import empty_weights
+    from posttrain.model.load import empty_weights, fill_skeleton
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():
         return None
     with torch.random.fork_rng(devices=[]), empty_weights():
         plain = rebuild()
-    plain.load_state_dict(full, assign=True)
-    for name, buffer in list(plain.named_buffers()):  # non-persistent ones (rotary frequencies)
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            setattr(plain.get_submodule(owner), leaf, model.get_buffer(name).detach().to("cpu", copy=True))
-    tie = getattr(plain, "tie_weights", None)
-    if callable(tie):
-        tie()
-    return plain
+    return fill_skeleton(
+        plain, full, lambda owner, name: model.get_submodule(owner).get_buffer(name).detach().to("cpu", copy=True)
+    )
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +35,23 @@ def _skeleton(auto_class: Any, name: str, **config_kwargs: Any) -> Any:
     config = AutoConfig.from_pretrained(embedded.resolve(name), **config_kwargs)
     with torch.device("meta"):
         return auto_class.from_config(config, dtype=torch.float32)
+
+
+def fill_skeleton(
+    skeleton: nn.Module, state: Mapping[str, Any], buffer: Callable[[str, str], torch.Tensor]
+) -> nn.Module:
+    """Give a meta-device ``skeleton`` its tensors: ``state`` assigned as it is (no copy), the buffers the
+    state dict leaves out (non-persistent ones: rotary frequencies) from ``buffer(owner, name)``, and tied
+    embeddings tied again (one tensor, whatever copies made ``state``). Returns ``skeleton``."""
+    skeleton.load_state_dict(state, assign=True)
+    for key, value in list(skeleton.named_buffers()):
+        if value.is_meta:
+            owner, _, name = key.rpartition(".")
+            setattr(skeleton.get_submodule(owner), name, buffer(owner, name))
+    tie = getattr(skeleton, "tie_weights", None)
+    if callable(tie):
+        tie()
+    return skeleton
 
 
 def load_tokenizer(name: str) -> Any:

@@ -166,13 +166,10 @@ def merged(model: nn.Module) -> nn.Module:
         plain: nn.Module = type(inner)._from_config(config, dtype=torch.float32)  # type: ignore[attr-defined]
     if getattr(inner, "generation_config", None) is not None:  # sampling defaults, extra EOS ids
         plain.generation_config = copy.deepcopy(inner.generation_config)
+    from posttrain.model.load import fill_skeleton  # (load imports this module)
+
     state = {key: _merged_tensor(inner, key) for key in plain.state_dict()}
-    plain.load_state_dict(state, assign=True)
-    plain.tie_weights()  # type: ignore[operator] # (tied embeddings: one tensor again, whatever the copies did)
-    for key, buffer in list(plain.named_buffers()):  # non-persistent buffers (rotary frequencies): as they are
-        if buffer.is_meta:
-            owner, _, name = key.rpartition(".")
-            setattr(plain.get_submodule(owner), name, _plain(_source(inner, owner).get_buffer(name)))
+    fill_skeleton(plain, state, lambda owner, name: _plain(_source(inner, owner).get_buffer(name)))
     return plain.eval().requires_grad_(False)
 
 
