@@ -77,6 +77,7 @@ class DataConfig:
 
 ReferenceKind = Literal["copy", "cached", "none"]
 Layout = Literal["auto", "padded", "packed", "shared_prefix"]
+SpanKernel = Literal["auto", "loop", "mask"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,10 @@ class TrainConfig:
     """How completions are laid out for scoring: ``padded`` (a row each), ``packed`` (one row per micro-batch,
     no padding, attention kept inside each sequence), ``shared_prefix`` (packed, a prompt shared by several
     completions computed once), ``auto`` (the fastest one the method and the model allow)."""
+    span_attention: SpanKernel = "auto"
+    """How the packed layouts' attention runs: ``loop`` (one causal call per sequence: the fastest on a CPU),
+    ``mask`` (one call per layer: FlexAttention with a block mask on CUDA, a dense mask elsewhere), ``auto``
+    (``mask`` on CUDA, ``loop`` elsewhere)."""
     eval_steps: int | None = None
     """Evaluate every N steps (and always before and after training when there is eval data)."""
     save_steps: int | None = None

@@ -49,12 +49,12 @@ def make_pairs(vocab_size: int, seed: int = 0) -> list[PreferenceRecord]:
     return [PreferenceRecord(ids(p), ids(c), ids(r), index=i) for i, (p, c, r) in enumerate(LENGTHS)]
 
 
-def score(model: nn.Module, batch: Any) -> Tensor:
+def score(model: nn.Module, batch: Any, kernel: str = "auto") -> Tensor:
     """Summed completion log-probs per sequence (chosen then rejected for pairs), as the tasks score."""
     tokens = completion_logps(
         model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunk_size=3,
         position_ids=batch.position_ids, spans=batch.spans, sequence=batch.sequence,
-        num_sequences=batch.num_sequences,
+        num_sequences=batch.num_sequences, span_kernel=kernel,
     )  # fmt: skip
     return tokens.sums
 
@@ -75,9 +75,11 @@ def grads_of(model: nn.Module, loss: Tensor) -> dict[str, Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("kernel", ["loop", "mask"])
 @pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
-def test_pair_layouts_equal_padded(model: PreTrainedModel, layout: str) -> None:
-    """Log-probs per completion, a DPO loss on them and its gradient: the same as padded rows."""
+def test_pair_layouts_equal_padded(model: PreTrainedModel, layout: str, kernel: str) -> None:
+    """Log-probs per completion, a DPO loss on them and its gradient: the same as padded rows, with span
+    attention run block by block (``loop``) or in one call per layer (``mask``)."""
     records = make_pairs(model.config.vocab_size)
     padded, other = collate_pairs(records, 0, "padded"), collate_pairs(records, 0, layout)
     assert other.input_ids.shape[0] == 1 and other.attention_mask.all()  # one row, no padding
@@ -86,7 +88,7 @@ def test_pair_layouts_equal_padded(model: PreTrainedModel, layout: str) -> None:
     torch.testing.assert_close(other.completion_counts(), padded.completion_counts(), rtol=0, atol=0)
 
     def loss_of(batch: PairBatch) -> tuple[Tensor, Tensor]:
-        sums = score(model, batch)
+        sums = score(model, batch, kernel)
         n = batch.num_pairs
         loss = dpo(
             policy_chosen_logps=sums[:n], policy_rejected_logps=sums[n:],
@@ -115,11 +117,12 @@ def test_shared_prefix_keeps_rejected_from_seeing_chosen(model: PreTrainedModel)
         blocks.append(((start, start + p + c + 1 + r), 0))
         start += p + c + 1 + r
     leaky = [tuple(blocks)]
-    good = score(model, shared)
-    bad = score(model, PairBatch(**{**shared.__dict__, "spans": leaky}))
-    n = len(records)
-    torch.testing.assert_close(bad[:n], good[:n], rtol=1e-10, atol=1e-10)  # chosen come first: unaffected
-    assert (bad[n:] - good[n:]).abs().max() > 1e-2
+    for kernel in ("loop", "mask"):
+        good = score(model, shared, kernel)
+        bad = score(model, PairBatch(**{**shared.__dict__, "spans": leaky}), kernel)
+        n = len(records)
+        torch.testing.assert_close(bad[:n], good[:n], rtol=1e-10, atol=1e-10)  # chosen come first: unaffected
+        assert (bad[n:] - good[n:]).abs().max() > 1e-2
 
 
 def test_unpaired_packed_equals_padded(model: PreTrainedModel) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.model.lora import base_model
-from posttrain.model.spans import Spans, span_attention
+from posttrain.model.spans import SpanBatch, Spans, span_attention
 
 
 def sequence_counts(loss_mask: Tensor, sequence: Tensor | None, num_sequences: int) -> Tensor:
@@ -155,6 +155,7 @@ def completion_logps(
     spans: Spans | None = None,
     sequence: Tensor | None = None,
     num_sequences: int = 0,
+    span_kernel: str = "auto",
 ) -> TokenLogps:
     """Log-probs of the tokens marked by ``loss_mask`` under ``model``, (B, T) aligned with ``input_ids``.
 
@@ -172,6 +173,8 @@ def completion_logps(
         spans, sequence, num_sequences: a packed or prefix-shared layout (:func:`posttrain.data.collate.
             pack_units`): attention runs inside each span block (:mod:`posttrain.model.spans`), and ``sums``
             and ``counts`` of the result are per ``sequence`` id instead of per row.
+        span_kernel: how span attention runs: ``auto``, ``loop`` or ``mask`` (:data:`posttrain.model.spans.
+            SPAN_KERNELS`).
     """
     if loss_mask[:, 0].any():
         raise ValueError("loss_mask[:, 0] must be False: the first token cannot be scored")
@@ -183,7 +186,8 @@ def completion_logps(
         if position_ids is None:
             raise ValueError("spans need position_ids")
         with span_attention(model):
-            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, posttrain_spans=spans)
+            batch = SpanBatch(spans, span_kernel)  # built once: every layer reuses its ids and mask
+            out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, posttrain_spans=batch)
     elif position_ids is not None:
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     else:

@@ -36,12 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posttrain.model.lora import base_model
+from posttrain.model.span_mask import Block, SpanBatch
 
 SPAN_ATTENTION = "posttrain_spans"
 SPAN_LAYOUTS = ("packed", "shared_prefix")
 """The layouts scored through span attention (``padded`` uses the model's own attention and masks)."""
+SPAN_KERNELS = ("auto", "loop", "mask")
+"""How span attention runs (config key ``span_attention``): ``loop``, one causal call per block (the fastest on
+a CPU); ``mask``, one call per layer with the blocks as a mask (FlexAttention on CUDA, see span_mask.py);
+``auto``, ``mask`` on CUDA and ``loop`` elsewhere."""
 
-Block = tuple[Tensor | tuple[int, int], int]
 RowSpans = Sequence[Block]
 Spans = Sequence[RowSpans]
 """Per row of a batch, its blocks in row order."""
@@ -68,11 +72,15 @@ def span_attention_forward(
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function signature: (B, H, T, d) inputs -> ((B, T, H, d), None)."""
-    spans: Spans | None = kwargs.get("posttrain_spans")
+    spans: SpanBatch | Spans | None = kwargs.get("posttrain_spans")
     if spans is None:
         raise RuntimeError("posttrain_spans attention was called without spans (use posttrain.model.spans)")
     if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise RuntimeError("span attention does not implement attention-logit soft-capping or attention sinks")
+    spans = spans if isinstance(spans, SpanBatch) else SpanBatch(spans)
+    if spans.kernel_for(query.device) == "mask":  # one call for the whole batch (span_mask.py)
+        return spans.attend(query, key, value, dropout, scaling).transpose(1, 2).contiguous(), None
+    blocks = spans.blocks
     window = kwargs.get("sliding_window")
     batch, heads, length, dim = query.shape
     groups = heads // key.shape[1]
@@ -83,7 +91,7 @@ def span_attention_forward(
     for b in range(batch):
         q_b, k_b, v_b = query[b : b + 1], key[b : b + 1], value[b : b + 1]
         pieces = []
-        for index, keep in spans[b]:
+        for index, keep in blocks[b]:
             q, k, v = _take(q_b, index), _take(k_b, index), _take(v_b, index)
             if window is not None and q.shape[2] > window:
                 raise RuntimeError(f"a packed sequence of {q.shape[2]} tokens exceeds the sliding window {window}")
@@ -163,7 +171,9 @@ def span_attention(model: nn.Module, on: bool = True) -> Iterator[None]:
 
 __all__ = [
     "SPAN_ATTENTION",
+    "SPAN_KERNELS",
     "SPAN_LAYOUTS",
+    "SpanBatch",
     "Spans",
     "resolve_layout",
     "span_attention",

@@ -96,7 +96,7 @@ class Scorer:
         out = completion_logps(
             model, packed.input_ids.to(device), packed.attention_mask.to(device), packed.loss_mask.to(device),
             temperature=self.temperature, chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
-            position_ids=packed.position_ids.to(device), spans=packed.spans,
+            position_ids=packed.position_ids.to(device), spans=packed.spans, span_kernel=self.config.span_attention,
         )  # fmt: skip
         where = (torch.tensor(at_row, dtype=torch.long, device=device),
                  torch.tensor(at_col, dtype=torch.long, device=device))  # fmt: skip

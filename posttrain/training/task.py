@@ -220,5 +220,5 @@ class OfflineTask(ABC, Generic[R, B]):
                 position_ids=None if position_ids is None else position_ids.to(device),
                 spans=getattr(batch, "spans", None),
                 sequence=None if sequence is None else sequence.to(device),
-                num_sequences=getattr(batch, "num_sequences", 0),
+                num_sequences=getattr(batch, "num_sequences", 0), span_kernel=self.config.span_attention,
             )  # fmt: skip
