@@ -33,6 +33,8 @@ VOCAB_SIZE = 4096
 SIZES: dict[str, dict[str, int]] = {
     "5m": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4),
     "42m": dict(hidden_size=512, intermediate_size=1376, num_layers=12, num_heads=8),
+    # run.py --gpu (issue 15): 316.7M parameters, N = 312.5M
+    "300m": dict(hidden_size=1024, intermediate_size=2816, num_layers=24, num_heads=16),
 }
 
 # ChatML as in posttrain.fixtures, except that no newline follows the LAST turn: a completion then ends with

@@ -21,7 +21,8 @@ from typing import Any
 
 
 def run_keys(spec: dict[str, Any]) -> dict[str, Any]:
-    """The keys every benchmark run shares: model, data, step count, a constant lr, fp32, the seed."""
+    """The keys every benchmark run shares: model, data, step count, a constant lr, the precision (fp32; bf16
+    autocast over fp32 weights with --gpu), the seed."""
     return {
         "model": spec["model_dir"],
         "output_dir": str(Path(spec["run_dir"]) / "out"),
@@ -31,7 +32,7 @@ def run_keys(spec: dict[str, Any]) -> dict[str, Any]:
         "lr_scheduler": "constant",
         "warmup_ratio": 0.0,
         "max_grad_norm": 1.0,
-        "precision": "fp32",
+        "precision": spec.get("precision", "fp32"),
         "seed": spec["seed"],
         "layout": spec.get("layout", "auto"),
     }
@@ -87,6 +88,8 @@ def main(spec_path: str) -> None:
 
     torch.set_num_threads(spec["threads"])
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_rewards for the GRPO reward
+    from device_clock import gpu_figures, step_clock
+
     import posttrain
     from posttrain.training import task as task_module
     from posttrain.training.metrics import read_metrics
@@ -108,6 +111,7 @@ def main(spec_path: str) -> None:
     config = grpo_config(spec) if method == "grpo" else offline_config(spec)
     cache_dir = Path(spec["ref_cache_dir"])
     cached_before = sorted(p.name for p in cache_dir.glob("*.safetensors")) if cache_dir.exists() else []
+    ends = step_clock() if spec.get("gpu") else []
     start = time.perf_counter()
     result = posttrain.train(config)
     train_call_s = time.perf_counter() - start
@@ -187,6 +191,8 @@ def main(spec_path: str) -> None:
         "token_parity": None,  # posttrain is the reference of the parity check
         "pid": os.getpid(),
     }
+    if spec.get("gpu"):  # step times on the synchronised clock, peak device memory
+        out.update(gpu_figures(spec, ends, start, out["step_times"]))
     Path(spec["result_file"]).write_text(json.dumps(out, indent=1))
 
 

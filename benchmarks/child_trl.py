@@ -29,6 +29,7 @@ def main(spec_path: str) -> None:
     import datasets
     import transformers
     import trl
+    from device_clock import gpu_figures, step_clock
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     datasets.disable_progress_bars()
@@ -48,11 +49,11 @@ def main(spec_path: str) -> None:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        bf16=False,
+        bf16=spec.get("precision") == "bf16",  # --gpu: bf16 autocast over the fp32 weights, as posttrain
         fp16=False,
         activation_checkpointing=False,  # TRL defaults to gradient checkpointing ON; posttrain's default is off
         gradient_checkpointing=False,  # (the deprecated alias that TRL's configs default to True)
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         seed=spec["seed"],
         data_seed=spec["seed"],
         dataloader_num_workers=0,
@@ -185,6 +186,7 @@ def main(spec_path: str) -> None:
     trainer.training_step = counting_step  # type: ignore[method-assign]
 
     parity, precompute_tokens = token_parity(method, trainer.train_dataset, spec)
+    ends = step_clock() if spec.get("gpu") else []
     start = time.perf_counter()
     trainer.train()
     train_call_s = time.perf_counter() - start
@@ -221,6 +223,8 @@ def main(spec_path: str) -> None:
         "token_parity": parity,
         "pid": os.getpid(),
     }
+    if spec.get("gpu"):  # step times on the synchronised clock (already end-to-end intervals), peak device memory
+        out.update(gpu_figures(spec, ends, start, out["step_times"]), step_intervals=[])
     if len(out["step_times"]) != total or len(trained) != total:
         raise RuntimeError(f"expected {total} steps, got {len(out['step_times'])} timings and {len(trained)} counts")
     Path(spec["result_file"]).write_text(json.dumps(out, indent=1))

@@ -31,62 +31,58 @@ REFERENCE_LABEL = {
 }
 
 
+def table(columns: list[tuple[str, str]], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines: ``columns`` are (title, alignment: "" left or ":" right), each row its cells."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |"]
+    lines.append("|" + "|".join("---:" if align == ":" else "---" for _, align in columns) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def trio(p: dict[str, Any], t: dict[str, Any], key: str, digits: int, scale: float = 1.0, suffix: str = "") -> list:
+    """posttrain's figure, TRL's and their ratio (of the unscaled figures)."""
+    a, b = p.get(key), t.get(key)
+    a_shown, b_shown = (a and scale * a), (b and scale * b)
+    return [fmt(a_shown, digits) + suffix, fmt(b_shown, digits) + suffix, ratio(a, b)]
+
+
+def trio_columns(name: str) -> list[tuple[str, str]]:
+    return [(f"{name} posttrain", ":"), (f"{name} TRL", ":"), ("x", ":")]
+
+
+def key_cells(row: dict[str, Any], gpu: bool) -> list[str]:
+    """The cells that name a row: method, model, (batch,) reference."""
+    batch = [str(row.get("batch"))] if gpu else []
+    return [row["method"], row["size"], *batch, REFERENCE_LABEL[row["reference"]]]
+
+
+def key_columns(gpu: bool) -> list[tuple[str, str]]:
+    return [("method", ""), ("model", ""), *([("batch", ":")] if gpu else []), ("reference", "")]
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [
-        f"# posttrain vs TRL {report['versions'].get('trl', '?')}" + (" — SMOKE RUN (--quick)" if s["quick"] else ""),
-        "",
-        f"Date: {report['date']}. Machine: {report['machine']}. Threads: {s['threads']}. "
-        f"fp32 matmul peak measured in this run: {report['peak']['flops'] / 1e9:.1f} GFLOP/s "
-        f"({report['peak']['n']}x{report['peak']['n']} torch.matmul, best of before "
-        f"{report['peak']['flops_before'] / 1e9:.1f} and after {report['peak']['flops_after'] / 1e9:.1f}).",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
-        f"Steps: {s['warmup']} warm-up + {s['steps']} timed; batch {s['batch_size']} pairs "
-        f"(KTO {s['kto_batch_size']} unpaired examples; GRPO {s['grpo']['prompts_per_step']} prompts x "
-        f"{s['grpo']['num_generations']} samples of {s['grpo']['max_new_tokens']} tokens); fp32; max_length "
-        f"{s['max_length']}; prompts {s['prompt_range'][0]}-{s['prompt_range'][1]} tokens, completions "
-        f"{s['completion_range'][0]}-{s['completion_range'][1]} tokens.",
-        f"posttrain layout: {s.get('layout', 'auto')} requested; in force: "
-        + ", ".join(
-            f"{row['method']}-{row['size']} {row['raw'].get('posttrain', {}).get('layout') or '?'}"
-            for row in report["rows"]
-        )
-        + ".",
-        "",
-        "samples/s: pairs/s (DPO, IPO, ORPO, SimPO), examples/s (KTO), completions/s (GRPO). tokens/s: non-padding "
-        "prompt + completion tokens of the trained rows (a pair's prompt counts twice, whether or not a tool "
-        "computes it twice). MFU: (6N x computed trained tokens + 2N x no-grad tokens) / time / peak, N = "
-        "parameters without the input embedding; a prompt that posttrain's shared_prefix layout computes once "
-        "counts once. x = posttrain / TRL.",
-        "",
-        "| method | model | reference | samples/s posttrain | samples/s TRL | x | tokens/s posttrain | tokens/s TRL "
-        "| x | peak RSS GiB posttrain | peak RSS GiB TRL | x | MFU posttrain | MFU TRL | x |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in report["rows"]:
+    gpu = bool(s.get("gpu"))
+    lines = gpu_header(report) if gpu else cpu_header(report)
+    rows = [row for row in report["rows"] if row.get("raw")]  # a row skipped for the time budget has none
+    main: list[list[str]] = []
+    for row in rows:
         p, t = row["figures"].get("posttrain", {}), row["figures"].get("trl", {})
-        mfu_p = p.get("mfu") and 100 * p["mfu"]
-        mfu_t = t.get("mfu") and 100 * t["mfu"]
-        lines.append(
-            f"| {row['method']} | {row['size']} | {REFERENCE_LABEL[row['reference']]} "
-            f"| {fmt(p.get('samples_per_s'), 2)} | {fmt(t.get('samples_per_s'), 2)} "
-            f"| {ratio(p.get('samples_per_s'), t.get('samples_per_s'))} "
-            f"| {fmt(p.get('tokens_per_s'), 0)} | {fmt(t.get('tokens_per_s'), 0)} "
-            f"| {ratio(p.get('tokens_per_s'), t.get('tokens_per_s'))} "
-            f"| {fmt(p.get('peak_rss_gib'), 2)} | {fmt(t.get('peak_rss_gib'), 2)} "
-            f"| {ratio(p.get('peak_rss_gib'), t.get('peak_rss_gib'))} "
-            f"| {fmt(mfu_p, 1)}% | {fmt(mfu_t, 1)}% | {ratio(p.get('mfu'), t.get('mfu'))} |"
-        )
-    lines += [
-        "",
-        "Step 1 (same weights, same data; order may differ) and set-up checks:",
-        "",
-        "| method | model | reference | step-1 loss posttrain | step-1 loss TRL | same | step-1 grad norm posttrain "
-        "| step-1 grad norm TRL | token ids identical (TRL rows) | precompute s posttrain | precompute s TRL "
-        "| median step s posttrain | median step s TRL |",
-        "|---|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for row in report["rows"]:
+        cells = key_cells(row, gpu) + trio(p, t, "samples_per_s", 2)
+        if gpu:
+            cells += trio(p, t, "peak_gpu_allocated_gib", 2) + trio(p, t, "peak_gpu_reserved_gib", 2)
+            cells += trio(p, t, "mfu", 1, 100, "%") + trio(p, t, "peak_rss_gib", 2)
+        else:
+            cells += trio(p, t, "tokens_per_s", 0) + trio(p, t, "peak_rss_gib", 2) + trio(p, t, "mfu", 1, 100, "%")
+        main.append(cells)
+    if gpu:
+        figures = ["samples/s", "peak GPU allocated GiB", "peak GPU reserved GiB", "MFU", "peak RSS GiB"]
+    else:
+        figures = ["samples/s", "tokens/s", "peak RSS GiB", "MFU"]
+    lines += table(key_columns(gpu) + [c for name in figures for c in trio_columns(name)], main)
+    lines += ["", "Step 1 (same weights, same data; order may differ) and set-up checks:", ""]
+    checks: list[list[str]] = []
+    for row in rows:
         p, t = row["figures"].get("posttrain", {}), row["figures"].get("trl", {})
         rp, rt = row["raw"].get("posttrain", {}), row["raw"].get("trl", {})
         parity = rt.get("token_parity") or {}
@@ -101,21 +97,108 @@ def markdown(report: dict[str, Any]) -> str:
         if row["reference"] == "warm":  # did the warm run find the cache the cold run stored?
             pre_p += "" if rp.get("reference_cache_reused") or not rp else " (recomputed)"
             pre_t += "" if rt.get("reference_cache_reused") or not rt else " (recomputed)"
-        lines.append(
-            f"| {row['method']} | {row['size']} | {REFERENCE_LABEL[row['reference']]} "
-            f"| {fmt(p.get('step1_loss'), 6)} | {fmt(t.get('step1_loss'), 6)} "
-            f"| {same_loss(p.get('step1_loss'), t.get('step1_loss'))} "
-            f"| {fmt(p.get('step1_grad_norm'), 4)} | {fmt(t.get('step1_grad_norm'), 4)} | {same_ids} "
-            f"| {pre_p} | {pre_t} | {fmt(p.get('median_step_s'), 3)} | {fmt(t.get('median_step_s'), 3)} |"
-        )
-    failed = [f"{row['method']}-{row['size']}-{row['reference']} {tool}: {r.get('error', '')[-400:]}"
-              for row in report["rows"] for tool, r in row["raw"].items() if not r.get("ok")]  # fmt: skip
+        loss_p, loss_t = p.get("step1_loss"), t.get("step1_loss")
+        checks.append([
+            *key_cells(row, gpu), fmt(loss_p, 6), fmt(loss_t, 6), same_loss(loss_p, loss_t),
+            fmt(p.get("step1_grad_norm"), 4), fmt(t.get("step1_grad_norm"), 4), same_ids, pre_p, pre_t,
+            fmt(p.get("median_step_s"), 3), fmt(t.get("median_step_s"), 3),
+        ])  # fmt: skip
+    check_columns = [("step-1 loss posttrain", ":"), ("step-1 loss TRL", ":"), ("same", ""),
+                     ("step-1 grad norm posttrain", ":"), ("step-1 grad norm TRL", ":"),
+                     ("token ids identical (TRL rows)", ""), ("precompute s posttrain", ":"),
+                     ("precompute s TRL", ":"), ("median step s posttrain", ":"),
+                     ("median step s TRL", ":")]  # fmt: skip
+    lines += table(key_columns(gpu) + check_columns, checks)
+    failed = [f"{row['method']}-{row['size']}-{row['reference']}{'-b' + str(row['batch']) if gpu else ''} {tool}: "
+              f"{r.get('error', '')[-400:]}"
+              for row in rows for tool, r in row["raw"].items() if not r.get("ok")]  # fmt: skip
     if failed:
         lines += ["", "Failed runs (see the JSON for the log tail):", ""] + [f"- {f.splitlines()[0]}" for f in failed]
     notes = report.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def cpu_header(report: dict[str, Any]) -> list[str]:
+    s = report["settings"]
+    return [
+        f"# posttrain vs TRL {report['versions'].get('trl', '?')}" + (" — SMOKE RUN (--quick)" if s["quick"] else ""),
+        "",
+        f"Date: {report['date']}. Machine: {report['machine']}. Threads: {s['threads']}. "
+        f"fp32 matmul peak measured in this run: {report['peak']['flops'] / 1e9:.1f} GFLOP/s "
+        f"({report['peak']['n']}x{report['peak']['n']} torch.matmul, best of before "
+        f"{report['peak']['flops_before'] / 1e9:.1f} and after {report['peak']['flops_after'] / 1e9:.1f}).",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        f"Steps: {s['warmup']} warm-up + {s['steps']} timed; batch {s['batch_size']} pairs "
+        f"(KTO {s['kto_batch_size']} unpaired examples; GRPO {s['grpo']['prompts_per_step']} prompts x "
+        f"{s['grpo']['num_generations']} samples of {s['grpo']['max_new_tokens']} tokens); fp32; max_length "
+        f"{s['max_length']}; prompts {s['prompt_range'][0]}-{s['prompt_range'][1]} tokens, completions "
+        f"{s['completion_range'][0]}-{s['completion_range'][1]} tokens.",
+        layout_line(report, gpu=False),
+        "",
+        "samples/s: pairs/s (DPO, IPO, ORPO, SimPO), examples/s (KTO), completions/s (GRPO). tokens/s: non-padding "
+        "prompt + completion tokens of the trained rows (a pair's prompt counts twice, whether or not a tool "
+        "computes it twice). MFU: (6N x computed trained tokens + 2N x no-grad tokens) / time / peak, N = "
+        "parameters without the input embedding; a prompt that posttrain's shared_prefix layout computes once "
+        "counts once. x = posttrain / TRL.",
+        "",
+    ]
+
+
+def layout_line(report: dict[str, Any], gpu: bool) -> str:
+    s = report["settings"]
+    return (
+        f"posttrain layout: {s.get('layout', 'auto')} requested; in force: "
+        + ", ".join(
+            f"{row['method']}-{row['size']}{'-b' + str(row['batch']) if gpu else ''} "
+            f"{row['raw'].get('posttrain', {}).get('layout') or '?'}"
+            for row in report["rows"]
+            if row.get("raw")
+        )
+        + "."
+    )
+
+
+def gpu_header(report: dict[str, Any]) -> list[str]:
+    s, peak, device = report["settings"], report["peak"], report.get("device", {})
+    name = device.get("name") or s["device"]
+    smoke = ""
+    if s["quick"]:
+        smoke = " — SMOKE RUN (--quick" + (", on the CPU: no CUDA device)" if s["device"] == "cpu" else ")")
+    after = peak.get("flops_after")
+    git = report.get("git", {})
+    dirty = git.get("dirty") or []
+    batches = ", ".join(str(b) for b in s["batch_sizes"])
+    return [
+        f"# posttrain vs TRL {report['versions'].get('trl', '?')} on {name}, bf16 autocast{smoke}",
+        "",
+        f"Date: {report['date']}. Device: {name}"
+        + (f" (CUDA {device['cuda']}, {device.get('memory_gib', 0):.0f} GiB)" if device.get("cuda") else "")
+        + f"; host: {report['machine']}; {s['threads']} threads per process. Commit: {git.get('commit', '?')}"
+        + (f" with uncommitted changes to {len(dirty)} files ({', '.join(dirty[:6])})" if dirty else "")
+        + ".",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        f"Peak for MFU, measured in this run in its own process: {peak['flops'] / 1e12:.1f} TFLOP/s "
+        f"({peak['n']}x{peak['n']} {peak['dtype']} torch.matmul on {peak['device']}, best burst of "
+        f"{peak['seconds']:g} s; before the runs {peak['flops_before'] / 1e12:.1f}"
+        + (f", after {after / 1e12:.1f}" if after else ", not measured after (time budget)")
+        + ").",
+        f"Steps: {s['warmup']} warm-up + {s['steps']} timed per run; batch {batches}: pairs (DPO, IPO, SimPO, ORPO), "
+        f"twice as many unpaired examples (KTO), prompts x {s['grpo']['num_generations']} samples of "
+        f"{s['grpo']['max_new_tokens']} tokens (GRPO); {s['precision']} autocast over fp32 weights in both tools; "
+        f"max_length {s['max_length']}; prompts {s['prompt_range'][0]}-{s['prompt_range'][1]} tokens, completions "
+        f"{s['completion_range'][0]}-{s['completion_range'][1]} tokens.",
+        layout_line(report, gpu=True),
+        "",
+        "samples/s: pairs/s (DPO, IPO, ORPO, SimPO), examples/s (KTO), completions/s (GRPO), over the wall clock "
+        "from the end of the last warm-up optimizer step to the end of the last step, the device synchronised "
+        "after every optimizer step in both tools. Peak GPU memory: torch.cuda.max_memory_allocated and "
+        "max_memory_reserved, read in each tool's own process after training. MFU: (6N x computed trained tokens "
+        "+ 2N x no-grad tokens) / time / the bf16 peak above, N = parameters without the input embedding. "
+        "x = posttrain / TRL.",
+        "",
+    ]
 
 
 def grpo_token_check(row: dict[str, Any], report: dict[str, Any]) -> str:

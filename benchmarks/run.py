@@ -2,11 +2,13 @@
 
     python3 benchmarks/run.py [--quick] [--methods dpo,ipo,kto,orpo,simpo,grpo] [--sizes 5m,42m] [--steps 20]
                               [--out benchmarks/results]
+    python3 benchmarks/run.py --gpu [--quick] [--batch-sizes 8,32] [--budget SECONDS]     # CUDA, bf16, 300M
 
 Builds the fixtures once (a 4096-token tokenizer, Llama models from a fixed seed saved to a temporary
-directory, length-controlled data), measures the fp32 matmul peak of this machine, then trains every method
-with each tool in its own subprocess (posttrain first, then TRL, on the same files), and prints and writes a
-markdown table (``OUT/<date>.md``, ``OUT/<date>-quick.md`` for ``--quick``) and the raw figures (``.json``).
+directory, length-controlled data), measures the matmul peak of this machine (fp32 on the CPU; with ``--gpu``
+bf16 on the GPU, in its own process), then trains every method with each tool in its own subprocess
+(posttrain first, then TRL, on the same files), and prints and writes a markdown table (``OUT/<date>.md``,
+``OUT/<date>-quick.md`` for ``--quick``, ``OUT/<date>-gpu.md`` for ``--gpu``) and the raw figures (``.json``).
 See benchmarks/README.md for what is measured and how. This process never imports TRL; child_trl.py does.
 """
 
@@ -32,6 +34,8 @@ from report import markdown  # benchmarks/ is on sys.path: python3 benchmarks/ru
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 METHODS = ("dpo", "ipo", "kto", "orpo", "simpo", "grpo")
+GPU_METHODS = ("dpo", "kto", "simpo", "orpo", "grpo")  # --gpu's default set (issue 15)
+SIZES = ("5m", "42m", "300m")  # bench_fixtures.SIZES; the CPU benchmark runs 5m and 42m
 WITH_REFERENCE = ("dpo", "ipo", "kto")
 TOOLS = ("posttrain", "trl")
 
@@ -58,13 +62,39 @@ class Settings:
     child_timeout: int = 3600
     quick: bool = False
     layout: str = "auto"
+    # --gpu: rows at each of batch_sizes (batch_size is the first), bf16 autocast, the peak in bf16 on the GPU.
+    gpu: bool = False
+    batch_sizes: list[int] = field(default_factory=list)
+    precision: str = "fp32"
+    device: str = "cpu"  # --gpu: "cuda", or "cpu" for a --quick smoke run on a machine without one
+    budget_s: float | None = None  # start no run that would end past this many seconds after the start
+
+    @property
+    def batches(self) -> list[int]:
+        return self.batch_sizes or [self.batch_size]
+
+    def kto_batch(self, batch: int) -> int:
+        """KTO's unpaired examples per step: --kto-batch-size, else both halves of ``batch`` pairs."""
+        return self.kto_batch_size or 2 * batch
+
+    def grpo_for(self, batch: int) -> dict[str, Any]:
+        """GRPO's settings of a run: with --gpu, ``batch`` prompts per step (each with num_generations samples)."""
+        return {**self.grpo, "prompts_per_step": batch} if self.gpu else self.grpo
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 2 timed steps, 5M model, short data")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--sizes", default="5m,42m", help="model sizes: 5m (every method), 42m (DPO only)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all; --gpu: {','.join(GPU_METHODS)})",
+    )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="model sizes: 5m (every method), 42m (DPO only); --gpu: 300m (default), 42m, 5m, every method",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps first (default 2; --quick: 1)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the .md and .json go")
@@ -90,13 +120,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         choices=["auto", "padded", "packed", "shared_prefix"],
         help="posttrain's layout (a lever on or off; auto: the fastest the method allows)",
     )
-    p.add_argument("--child-timeout", type=int, default=3600, help="seconds per training subprocess")
+    p.add_argument("--child-timeout", type=int, default=None, help="seconds per training subprocess (3600; --gpu 900)")
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU mode: bf16 autocast, the 300M model, dpo,kto,simpo,orpo,grpo at --batch-sizes, a "
+                        "bf16 matmul peak; --quick without CUDA: a smoke run of that code on the CPU")  # fmt: skip
+    p.add_argument("--batch-sizes", default=None, help="--gpu: the batch sizes of the rows (default 8,32; --quick 2,4)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: start no run that would end after this (the last run's time as the estimate); "
+                        "the rows left out are listed in the report")  # fmt: skip
     a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.gpu:
+        return gpu_settings(p, a), a
+    if a.batch_sizes:
+        p.error("--batch-sizes needs --gpu (the CPU benchmark has one --batch-size)")
+    methods = [m.strip() for m in (a.methods or ",".join(METHODS)).split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
-    sizes = [s.strip().lower() for s in a.sizes.split(",") if s.strip()]
+    sizes = [s.strip().lower() for s in (a.sizes or "5m,42m").split(",") if s.strip()]
     if a.quick:
         sizes = ["5m"]
     if sorted(set(sizes) - {"5m", "42m"}):
@@ -132,13 +173,79 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         },
         peak_seconds=1.0 if q else 5.0,
         peak_n=1024 if q else 2048,
-        child_timeout=a.child_timeout,
+        child_timeout=a.child_timeout or 3600,
         quick=q,
         layout=a.layout,
+        budget_s=a.budget,
     )
     if settings.prompt_range[1] + settings.completion_range[1] > settings.max_length:
         p.error("prompt + completion lengths exceed max_length")
     return settings, a
+
+
+def gpu_settings(p: argparse.ArgumentParser, a: argparse.Namespace) -> Settings:
+    """--gpu: the issue-15 benchmark (300M Llama, bf16 autocast over fp32 weights, batch 8 and 32, a frozen
+    reference copy), or with --quick a seconds-long smoke run of the same code paths (the 5M model, short
+    data), on the CPU when there is no CUDA device."""
+    q = a.quick
+    methods = [m.strip() for m in (a.methods or ",".join(GPU_METHODS)).split(",") if m.strip()]
+    if sorted(set(methods) - set(METHODS)):
+        p.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
+    sizes = [z.strip().lower() for z in ("5m" if q else a.sizes or "300m").split(",") if z.strip()]
+    if sorted(set(sizes) - set(SIZES)) or not sizes:
+        p.error(f"unknown sizes in {a.sizes!r}; choose from {','.join(SIZES)}")
+    try:
+        batches = [int(b) for b in (a.batch_sizes or ("2,4" if q else "8,32")).split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batch-sizes: comma-separated integers, got {a.batch_sizes!r}")
+    if not batches or min(batches) < 1:
+        p.error("--batch-sizes: positive integers")
+    if a.kto_batch_size or a.grpo_prompts:
+        p.error("--gpu: KTO runs 2 x each batch size and GRPO batch-size prompts; --kto-batch-size and "
+                "--grpo-prompts are for the CPU benchmark")  # fmt: skip
+    ref_modes = [m.strip() for m in (a.ref_modes or "copy").split(",") if m.strip()]
+    warm_alone = "warm" in ref_modes and "cold" not in ref_modes
+    if sorted(set(ref_modes) - {"cold", "warm", "copy"}) or not ref_modes or warm_alone:
+        p.error("--ref-modes: a non-empty subset of cold,warm,copy (warm needs cold)")
+    warmup = a.warmup if a.warmup is not None else (1 if q else 2)
+    if warmup < 1:
+        p.error("--gpu needs --warmup >= 1: a run's first step carries its set-up (CUDA context, allocator)")
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    quick_threads = int(env_threads) if q and env_threads and env_threads.isdigit() else None
+    s = Settings(
+        methods=methods,
+        sizes=sizes,
+        steps=a.steps or (2 if q else 10),
+        warmup=warmup,
+        batch_size=batches[0],
+        kto_batch_size=0,  # 2 x the row's batch
+        max_length=128 if q else 512,
+        prompt_range=(16, 32) if q else (64, 128),
+        completion_range=(16, 48) if q else (64, 256),
+        threads=a.threads or quick_threads or min(8, os.cpu_count() or 1),
+        lr=1e-6,
+        seed=0,
+        ref_modes=ref_modes,
+        quick_ref_modes=False,
+        grpo={
+            "prompts_per_step": None,  # the row's batch
+            "num_generations": a.grpo_generations or (2 if q else 4),
+            "max_new_tokens": a.grpo_new_tokens or (8 if q else 64),
+            "beta": 0.04,
+        },
+        peak_seconds=0.5 if q else 2.0,
+        peak_n=0,  # set once the device is known: 8192 on a GPU
+        child_timeout=a.child_timeout or 900,
+        quick=q,
+        layout=a.layout,
+        gpu=True,
+        batch_sizes=batches,
+        precision="bf16",
+        budget_s=a.budget,
+    )
+    if s.prompt_range[1] + s.completion_range[1] > s.max_length:
+        p.error("prompt + completion lengths exceed max_length")
+    return s
 
 
 # ---- fixtures
@@ -160,18 +267,24 @@ def build_fixtures(s: Settings, work: Path) -> dict[str, Any]:
                        **bf.parameter_counts(model)}  # fmt: skip
         del model
     total_steps = s.warmup + s.steps
-    files = bf.build_data(
-        tokenizer, work / "data", n_pairs=s.batch_size * total_steps,
-        n_prompts=s.grpo["prompts_per_step"] * total_steps, prompt_range=s.prompt_range,
-        completion_range=s.completion_range, seed=s.seed,
-    )  # fmt: skip
-    # KTO: batch-size pairs give 2 x batch-size unpaired rows; with the default kto batch the run is one epoch.
-    ids = bf.posttrain_token_ids(tokenizer, files, s.max_length, seed=s.seed)
-    lengths = bf.check_lengths(ids, s.prompt_range, s.completion_range)
-    ids_file = work / "data" / "posttrain_ids.json"
-    ids_file.write_text(json.dumps(ids))
-    return {"models": models, "files": files, "ids_file": str(ids_file), "lengths": lengths,
-            "vocab_size": len(tokenizer), "build_s": time.perf_counter() - t0}  # fmt: skip
+    data: dict[int, dict[str, Any]] = {}
+    for batch in s.batches:  # one data set per batch size: a run is exactly one epoch of its own data
+        folder = work / "data" / f"b{batch}"
+        files = bf.build_data(
+            tokenizer, folder, n_pairs=batch * total_steps,
+            n_prompts=s.grpo_for(batch)["prompts_per_step"] * total_steps, prompt_range=s.prompt_range,
+            completion_range=s.completion_range, seed=s.seed,
+        )  # fmt: skip
+        # KTO: batch pairs give 2 x batch unpaired rows; with the default kto batch the run is one epoch.
+        ids = bf.posttrain_token_ids(tokenizer, files, s.max_length, seed=s.seed)
+        lengths = bf.check_lengths(ids, s.prompt_range, s.completion_range)
+        ids_file = folder / "posttrain_ids.json"
+        ids_file.write_text(json.dumps(ids))
+        data[batch] = {"files": files, "ids_file": str(ids_file), "lengths": lengths}
+    lengths = {key: [min(d["lengths"][key][0] for d in data.values()), max(d["lengths"][key][1] for d in data.values())]
+               for key in ("prompt_tokens", "completion_tokens")}  # fmt: skip
+    return {"models": models, "data": data, "lengths": lengths, "vocab_size": len(tokenizer),
+            "build_s": time.perf_counter() - t0}  # fmt: skip
 
 
 def settle_load(limit: float = 0.5, wait_s: float = 120.0) -> float:
@@ -183,23 +296,47 @@ def settle_load(limit: float = 0.5, wait_s: float = 120.0) -> float:
     return os.getloadavg()[0]
 
 
-def measure_peak(threads: int, seconds: float, n: int) -> dict[str, float]:
-    """fp32 matmul peak (FLOP/s) on ``threads`` threads: the best of repeated n x n torch.matmul bursts."""
+def measure_peak(threads: int, seconds: float, n: int, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    """Matmul peak (FLOP/s): the best of repeated bursts of four n x n torch.matmul calls, fp32 on ``threads``
+    CPU threads by default; on a GPU the device is synchronised before and after each burst."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.empty(n, n)
+    kind = torch.device(device)
+    a, b = (torch.randn(n, n, device=kind, dtype=getattr(torch, dtype)) for _ in range(2))
+    c = torch.empty_like(a)
+    sync = torch.cuda.synchronize if kind.type == "cuda" else (lambda: None)
     for _ in range(3):
         torch.matmul(a, b, out=c)
     best, deadline, bursts = 0.0, time.perf_counter() + seconds, 0
     while time.perf_counter() < deadline or bursts < 3:
+        sync()
         start = time.perf_counter()
         for _ in range(4):
             torch.matmul(a, b, out=c)
+        sync()
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
         bursts += 1
-    return {"flops": best, "n": n, "threads": threads, "seconds": seconds}
+    out: dict[str, Any] = {"flops": best, "n": n, "threads": threads, "seconds": seconds}
+    if device != "cpu" or dtype != "float32":  # the CPU benchmark's JSON keeps its keys
+        out.update(device=device, dtype=dtype)
+    return out
+
+
+def peak_in_child(s: Settings, work: Path, tag: str) -> dict[str, Any] | None:
+    """--gpu: the bf16 matmul peak measured by child_peak.py in its own process (the training children are
+    processes of their own too), with the device's name and memory and torch's CUDA version; None if it failed."""
+    out = work / f"peak-{tag}.json"
+    spec = {"threads": s.threads, "seconds": s.peak_seconds, "n": s.peak_n, "device": s.device, "dtype": "bfloat16",
+            "result_file": str(out)}  # fmt: skip
+    log = work / f"peak-{tag}.log"
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, str(HERE / "child_peak.py"), json.dumps(spec)], stdout=f,
+                              stderr=subprocess.STDOUT, env=child_env(s, {}), timeout=300, check=False)  # fmt: skip
+    if proc.returncode != 0 or not out.exists():
+        print(f"peak measurement failed (exit {proc.returncode}; log: {log})", flush=True)
+        return None
+    return json.loads(out.read_text())
 
 
 # ---- runs
@@ -212,38 +349,58 @@ class Case:
     reference: str  # cold | warm | copy | none | online
     model_key: str
     data_key: str
+    batch: int | None = None  # --gpu: the row's batch size; None: Settings.batch_size
 
     @property
     def label(self) -> str:
-        return f"{self.method}-{self.size}-{self.reference}"
+        return f"{self.method}-{self.size}-{self.reference}" + (f"-b{self.batch}" if self.batch else "")
 
 
 def plan(s: Settings) -> list[Case]:
     cases = []
     for method in s.methods:
-        sizes = [z for z in s.sizes if method == "dpo" or z == "5m"]
+        sizes = s.sizes if s.gpu else [z for z in s.sizes if method == "dpo" or z == "5m"]
         for size in sizes:
             refs = s.ref_modes if method in WITH_REFERENCE else ["online" if method == "grpo" else "none"]
             if s.quick_ref_modes and method in WITH_REFERENCE and method != "dpo":
                 refs = refs[:1]
-            model_key = "5m-gen" if method == "grpo" else size
+            model_key = f"{size}-gen" if method == "grpo" else size
             data_key = {"kto": "kto", "grpo": "prompts"}.get(method, "prefs")
-            cases += [Case(method, size, ref, model_key, data_key) for ref in refs]
+            for batch in s.batch_sizes if s.gpu else [None]:
+                cases += [Case(method, size, ref, model_key, data_key, batch) for ref in refs]
     return cases
+
+
+def child_env(s: Settings, extra: dict[str, str]) -> dict[str, str]:
+    """A child's environment: its thread count, offline Hugging Face libraries, benchmarks/ and the repository
+    on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "TQDM_DISABLE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")]), **extra,
+    })  # fmt: skip
+    return env
 
 
 def run_child(tool: str, case: Case, s: Settings, fx: dict[str, Any], work: Path) -> dict[str, Any]:
     """One training run in its own process; its peak RSS from wait4's rusage of that very child."""
     run_dir = work / "runs" / f"{case.label}-{tool}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    batch = case.batch or s.batch_size
+    data = fx["data"][batch]
     cache_key = f"{case.method}-{case.size}" if case.reference in ("cold", "warm") else case.label
+    cache_key += f"-b{case.batch}" if case.batch and case.reference in ("cold", "warm") else ""
     spec = {
         "tool": tool, "method": case.method, "size": case.size, "reference": case.reference,
-        "model_dir": fx["models"][case.model_key]["dir"], "data_file": fx["files"][case.data_key],
-        "ids_file": fx["ids_file"], "run_dir": str(run_dir), "result_file": str(run_dir / "result.json"),
+        "model_dir": fx["models"][case.model_key]["dir"], "data_file": data["files"][case.data_key],
+        "ids_file": data["ids_file"], "run_dir": str(run_dir), "result_file": str(run_dir / "result.json"),
         "threads": s.threads, "warmup": s.warmup, "steps": s.steps,
-        "batch_size": s.kto_batch_size if case.method == "kto" else s.batch_size,
-        "max_length": s.max_length, "lr": s.lr, "seed": s.seed, "grpo": s.grpo, "layout": s.layout,
+        "batch_size": s.kto_batch(batch) if case.method == "kto" else batch,
+        "max_length": s.max_length, "lr": s.lr, "seed": s.seed, "grpo": s.grpo_for(batch), "layout": s.layout,
+        # --gpu: bf16 autocast, the device, and each optimizer step's end timed with the device synchronised
+        "precision": s.precision, "device": s.device, "gpu": s.gpu,
         "ref_cache_dir": str(work / "refcache" / cache_key), "hf_cache_dir": str(work / "hfcache" / cache_key),
         # TRL's output_dir is part of the datasets fingerprint of its prepared data (its map/filter closures hold
         # the config), and so of its reference cache key: the cold and warm runs must share it.
@@ -251,14 +408,8 @@ def run_child(tool: str, case: Case, s: Settings, fx: dict[str, Any], work: Path
     }  # fmt: skip
     spec_file = run_dir / "spec.json"
     spec_file.write_text(json.dumps(spec, indent=1))
-    env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads), "TOKENIZERS_PARALLELISM": "false",
-        "POSTTRAIN_CACHE": str(work / "posttrain-cache"), "HF_DATASETS_CACHE": str(work / "hfcache" / cache_key),
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-        "TQDM_DISABLE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")]),
-    })  # fmt: skip
+    env = child_env(s, {"POSTTRAIN_CACHE": str(work / "posttrain-cache"),
+                        "HF_DATASETS_CACHE": str(work / "hfcache" / cache_key)})  # fmt: skip
     script = HERE / ("child_posttrain.py" if tool == "posttrain" else "child_trl.py")
     log = run_dir / "log.txt"
     start = time.perf_counter()
@@ -285,6 +436,9 @@ def run_child(tool: str, case: Case, s: Settings, fx: dict[str, Any], work: Path
     else:
         result["ok"] = False
         result["error"] = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    if s.gpu:  # posttrain's saved 300M model (1.3 GB a run) is not needed: keep the disk free
+        for weights in (run_dir / "out").rglob("*.safetensors"):
+            weights.unlink()
     return result
 
 
@@ -322,6 +476,9 @@ def figures(r: dict[str, Any], case: Case, s: Settings, n_params: int, peak: flo
         out["samples_per_s_with_data_loading"] = r["samples_per_step"] * len(intervals) / with_loading
     if r.get("completion_lengths"):
         out["mean_completion_length"] = statistics.fmean(x for x in r["completion_lengths"] if x is not None)
+    for key in ("cuda_peak_allocated", "cuda_peak_reserved"):  # --gpu on a CUDA device: read in the child
+        if r.get(key) is not None:
+            out[key.replace("cuda_peak", "peak_gpu") + "_gib"] = r[key] / 2**30
     return out
 
 
@@ -349,13 +506,43 @@ def versions() -> dict[str, str]:
     return out
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured and the tracked files changed since: from git where the checkout has its .git, else
+    from BENCH_GIT_COMMIT / BENCH_GIT_STATUS (benchmarks/fetch_gpu_wheels.sh writes them for the GPU machine,
+    whose copy of the tree has no .git)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit, status = os.environ.get("BENCH_GIT_COMMIT", "unknown"), os.environ.get("BENCH_GIT_STATUS", "")
+    return {"commit": commit, "dirty": [line[3:] for line in status.splitlines() if line.strip()]}
+
+
+def resolve_device(s: Settings) -> None:
+    """--gpu: CUDA when there is a device (this process only asks; it never creates a CUDA context), else a
+    --quick smoke run on the CPU; the peak's matrix size follows."""
+    import torch
+
+    s.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if s.device == "cpu" and not s.quick:
+        raise SystemExit("--gpu needs a CUDA device (torch.cuda.is_available() is False); --gpu --quick runs a "
+                         "smoke run of the same code on the CPU")  # fmt: skip
+    s.peak_n = (4096 if s.quick else 8192) if s.device == "cuda" else 512
+
+
 def main(argv: list[str] | None = None) -> int:
     s, a = parse_args(argv)
     sys.path.insert(0, str(HERE))
+    if s.gpu:
+        resolve_device(s)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="posttrain-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work directory: {work}", flush=True)
     started = time.perf_counter()
+    stem = datetime.date.today().isoformat() + ("-gpu" if s.gpu else "") + ("-quick" if s.quick else "")
+    stem += "" if s.layout == "auto" else f"-layout-{s.layout}"
     try:
         fx = build_fixtures(s, work)
         sizes_text = ", ".join(
@@ -364,14 +551,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fixtures: vocab {fx['vocab_size']}, models {sizes_text}, prompt tokens "
               f"{fx['lengths']['prompt_tokens']}, completion tokens {fx['lengths']['completion_tokens']} "
               f"({fx['build_s']:.0f} s)", flush=True)  # fmt: skip
-        load_before = settle_load()
-        peak = measure_peak(s.threads, s.peak_seconds, s.peak_n)
-        print(f"fp32 matmul peak on {s.threads} threads: {peak['flops'] / 1e9:.1f} GFLOP/s "
-              f"(load average {load_before:.2f})", flush=True)  # fmt: skip
-        rows = []
-        for case in plan(s):
+        device: dict[str, Any] = {}
+        if s.gpu:  # no waiting for the load to settle: the GPU does the work, and the time is the lease's
+            load_before = os.getloadavg()[0]
+            measured = peak_in_child(s, work, "before") or {  # no peak: MFU n/a, the rest still measured
+                "flops": float("nan"), "n": s.peak_n, "threads": s.threads, "seconds": s.peak_seconds,
+                "device": s.device, "dtype": "bfloat16", "device_info": {},
+            }  # fmt: skip
+            device = measured.pop("device_info")
+            peak = {**measured, "flops_before": measured["flops"], "flops_after": None}
+            print(f"bf16 matmul peak on {device.get('name')}: {peak['flops'] / 1e12:.1f} TFLOP/s", flush=True)
+        else:
+            load_before = settle_load()
+            peak = measure_peak(s.threads, s.peak_seconds, s.peak_n)
+            print(f"fp32 matmul peak on {s.threads} threads: {peak['flops'] / 1e9:.1f} GFLOP/s "
+                  f"(load average {load_before:.2f})", flush=True)  # fmt: skip
+        rows: list[dict[str, Any]] = []
+        cases = plan(s)
+        left_out: list[str] = []
+        last_case_s = 0.0
+        for case in cases:
+            if s.budget_s is not None and time.perf_counter() - started + last_case_s > s.budget_s:
+                left_out.append(case.label)
+                print(f"[{time.perf_counter() - started:6.0f} s] {case.label}: left out (budget)", flush=True)
+                continue
+            case_start = time.perf_counter()
             row: dict[str, Any] = {"method": case.method, "size": case.size, "reference": case.reference,
                                    "model_key": case.model_key, "raw": {}, "figures": {}}  # fmt: skip
+            if case.batch:
+                row["batch"] = case.batch
             n_params = fx["models"][case.model_key]["non_embedding"]
             for tool in TOOLS:
                 print(f"[{time.perf_counter() - started:6.0f} s] {case.label}: {tool} ...", end=" ", flush=True)
@@ -380,57 +588,82 @@ def main(argv: list[str] | None = None) -> int:
                 row["figures"][tool] = figures(r, case, s, n_params, peak["flops"])
                 f = row["figures"][tool]
                 if r["ok"]:
-                    print(f"{f['samples_per_s']:.2f} samples/s, {f['tokens_per_s']:.0f} tokens/s, "
+                    gib = f.get("peak_gpu_allocated_gib")
+                    memory = f" peak GPU {gib:.2f} GiB allocated," if gib is not None else ""
+                    print(f"{f['samples_per_s']:.2f} samples/s, {f['tokens_per_s']:.0f} tokens/s,{memory} "
                           f"step-1 loss {f['step1_loss']}, {r['wall_s']:.0f} s", flush=True)  # fmt: skip
                 else:
                     print(f"FAILED (exit {r['returncode']}; log: {r['log']})", flush=True)
             rows.append(row)
+            last_case_s = time.perf_counter() - case_start
+            if s.gpu:  # a run cut short by an outer time limit still leaves the rows done so far
+                partial = f"partial: {len(rows)} of {len(cases)} runs done so far"
+                write_report(s, a.out, stem, fx, peak, device, rows, [partial], load_before, started)
         # The peak again after the runs (the larger of the two is used: contention only lowers it), and every
-        # row's MFU recomputed against it.
-        peak_after = measure_peak(s.threads, s.peak_seconds, s.peak_n)
-        peak = {**peak, "flops_before": peak["flops"], "flops_after": peak_after["flops"],
-                "flops": max(peak["flops"], peak_after["flops"])}  # fmt: skip
+        # row's MFU recomputed against it. --gpu: only when the budget leaves time for it.
+        if not s.gpu:
+            peak_after = measure_peak(s.threads, s.peak_seconds, s.peak_n)
+            peak = {**peak, "flops_before": peak["flops"], "flops_after": peak_after["flops"],
+                    "flops": max(peak["flops"], peak_after["flops"])}  # fmt: skip
+        elif s.budget_s is None or time.perf_counter() - started + 30 < s.budget_s:
+            again = peak_in_child(s, work, "after")
+            if again is not None:
+                best = max(peak["flops"], again["flops"]) if peak["flops"] == peak["flops"] else again["flops"]  # NaN
+                peak = {**peak, "flops_after": again["flops"], "flops": best}
         for row in rows:
-            case = Case(row["method"], row["size"], row["reference"], row["model_key"], "")
+            case = Case(row["method"], row["size"], row["reference"], row["model_key"], "", row.get("batch"))
             n_params = fx["models"][case.model_key]["non_embedding"]
             row["figures"] = {tool: figures(r, case, s, n_params, peak["flops"]) for tool, r in row["raw"].items()}
         notes = []
         # Only the load before the runs says whether others used the machine: afterwards it is the runs' own.
-        if load_before > 0.5:
+        if not s.gpu and load_before > 0.5:
             notes.append(
                 f"The machine was not idle (1-minute load average {load_before:.2f} before the runs): other "
                 "processes shared the CPU, so these timings and the measured peak (hence MFU) are not reliable."
             )
-        if "42m" in s.sizes and s.methods != ["dpo"]:
+        if "42m" in s.sizes and s.methods != ["dpo"] and not s.gpu:
             notes.append(
                 "The 42M model runs DPO only; the other methods run on the 5M model"
                 + ("." if "5m" in s.sizes else " (not requested here, so they did not run).")
             )
-        report = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine(),
-            "load_average_before": load_before,
-            "versions": versions(),
-            "settings": asdict(s),
-            "peak": peak,
-            "fixtures": {k: v for k, v in fx.items() if k != "files"},
-            "rows": rows,
-            "notes": notes,
-            "total_s": time.perf_counter() - started,
-        }
-        text = markdown(report)
+        if s.gpu:
+            notes.append(f"1-minute load average of the host when the runs began: {load_before:.2f}.")
+        if left_out:
+            notes.append(f"Left out for the time budget ({s.budget_s:g} s): {', '.join(left_out)}.")
+        report = write_report(s, a.out, stem, fx, peak, device, rows, notes, load_before, started)
         print()
-        print(text)
-        a.out.mkdir(parents=True, exist_ok=True)
-        stem = datetime.date.today().isoformat() + ("-quick" if s.quick else "")
-        stem += "" if s.layout == "auto" else f"-layout-{s.layout}"
-        (a.out / f"{stem}.md").write_text(text)
-        (a.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+        print(markdown(report))
         print(f"wrote {a.out / (stem + '.md')} and {a.out / (stem + '.json')} ({report['total_s']:.0f} s in all)")
         return 0 if all(r.get("ok") for row in rows for r in row["raw"].values()) else 1
     finally:
         if a.workdir is None and not a.keep_workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def write_report(s: Settings, out: Path, stem: str, fx: dict[str, Any], peak: dict[str, Any],
+                 device: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], load_before: float,
+                 started: float) -> dict[str, Any]:  # fmt: skip
+    """Write OUT/<stem>.md (the tables, as printed) and OUT/<stem>.json (everything); return the report."""
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_before": load_before,
+        "versions": versions(),
+        "git": git_state(),
+        "settings": asdict(s),
+        "peak": peak,
+        "fixtures": {k: v for k, v in fx.items() if k != "data"},
+        "data": {batch: {"lengths": d["lengths"]} for batch, d in fx["data"].items()},
+        "rows": rows,
+        "notes": notes,
+        "total_s": time.perf_counter() - started,
+    }
+    if s.gpu:
+        report["device"] = device
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown(report))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
 
 
 if __name__ == "__main__":
