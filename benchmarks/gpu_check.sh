@@ -131,7 +131,7 @@ write_summary() {
             [ -f "$LOGS/$name.rc" ] && echo "| $name | $(stage_status $name) | $(pytest_line $name) |"
         done
         [ -f "$LOGS/extra.rc" ] && echo "| extra | $(stage_status extra) | $(tail -1 "$LOGS/extra.log" | cut -c1-200) |"
-        echo "| bench | $(stage_status bench) | $(grep -cE 'samples/s' "$LOGS/bench.log" 2>/dev/null) runs reported |"
+        echo "| bench | $(stage_status bench) | $(grep -cE '^\[ *[0-9]+ s\] .* samples/s' "$LOGS/bench.log" 2>/dev/null) tool runs done, $(grep -cE 'FAILED \(exit' "$LOGS/bench.log" 2>/dev/null) failed |"
         for name in equality suite distributed; do
             if [ -f "$LOGS/$name.log" ] && grep -qE '^(FAILED|ERROR) ' "$LOGS/$name.log"; then
                 echo
@@ -144,7 +144,7 @@ write_summary() {
             echo
             echo "## bench (run.py's progress; the table is in the <date>-gpu.md beside this file)"
             echo
-            grep -E '^\[|peak|fixtures|FAILED|Error|error' "$LOGS/bench.log" | tail -40 | sed 's/^/    /'
+            grep -E '^\[|^fixtures|^bf16 matmul|^peak|FAILED|Error|^wrote' "$LOGS/bench.log" | tail -40 | sed 's/^/    /'
         fi
     } >"$SUMMARY"
 }
@@ -178,7 +178,7 @@ fi
 {
     echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
     echo "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)"
-    echo "python: $($PYTHON --version 2>&1) at $(command -v $PYTHON); cores: $(nproc)"
+    echo "python: $($PYTHON --version 2>&1) at $(command -v $PYTHON); cores: $(nproc --all)"
     echo "torch: $($PYTHON -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tail -1)"
     echo "import: $(tail -1 "$LOGS/setup.log" 2>/dev/null)"
     $PYTHON -c '
