@@ -67,7 +67,7 @@ elapsed() { echo $(($(date +%s) - STARTED)); }
 has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 log() { echo "[$(elapsed) s] $*" | tee -a "$LOGS/stages.log"; }
 
-# limit NAME SECONDS: the stage's limit, cut to what TOTAL_LIMIT leaves (at least 10 s).
+# limit SECONDS: a stage's limit, cut to what TOTAL_LIMIT leaves (at least 10 s).
 limit() {
     local left=$((TOTAL_LIMIT - $(elapsed)))
     local want=$1
