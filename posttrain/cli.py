@@ -7,7 +7,8 @@
 
 Bad input (config or data) prints one line ``posttrain: error: ...`` naming the file, row and field, and
 exits with status 2 before anything is written. A pipeline stage that fails while running prints one line
-naming the stage and exits with status 1.
+naming the stage and exits with status 1, as does a reward that fails or returns a bad value at a rollout
+(the line names the reward and the first bad value). Anything else is a bug: a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.config import ConfigError
 from posttrain.data.formats import DataError
 from posttrain.pipeline import PipelineError, Stage
+from posttrain.rewards.combine import RewardError
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -165,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 2
     except PipelineError as err:  # a stage failed while running; its cause is chained for Python callers
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 1
+    except RewardError as err:  # a reward failed or returned a bad value at a rollout: the reward and the value
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 1
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
@@ -35,13 +37,19 @@ def check(condition: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
+EXPAND_USER = "a path: a leading ~ is the home folder"
+PathStr = Annotated[str, EXPAND_USER]
+"""A string naming a file or folder (a model, data, an output folder): read from YAML with ``~`` expanded,
+as a shell would have (``output_dir: ~/runs/x`` is in the home folder, not in a folder named ``~``)."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from and how they become tokens."""
 
-    train: str
+    train: PathStr
     """Training data: .jsonl .json .parquet .csv, a saved `datasets` directory, or a hub name."""
-    eval: str | None = None
+    eval: PathStr | None = None
     """Optional held-out data, same formats."""
     eval_size: int = 0
     """When ``eval`` is not given: hold out this many training rows (chosen by ``seed``) for evaluation."""
@@ -91,9 +99,9 @@ class ReferenceConfig:
     """
 
     kind: ReferenceKind = "copy"
-    model: str | None = None
+    model: PathStr | None = None
     """Reference weights; default: the policy's starting weights."""
-    cache_dir: str | None = None
+    cache_dir: PathStr | None = None
     """Where ``cached`` stores log-probs; default ``$POSTTRAIN_CACHE/reference`` (~/.cache/posttrain)."""
 
 
@@ -193,10 +201,14 @@ class TrainConfig:
     """A whole run. ``algorithm`` holds the method and its hyperparameters."""
 
     algorithm: Algorithm
-    model: str
+    model: PathStr
     data: DataConfig
-    output_dir: str
+    output_dir: PathStr
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    trust_remote_code: bool = False
+    """Let a model whose folder or hub repo ships its own Python code (``auto_map`` in its config, a
+    ``model_type`` transformers does not know) run that code, for every model of the run: policy, reference,
+    reward model, critic, tokenizer, vLLM. false: such a model is refused in one line, never a prompt."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (needs ``peft``); absent = full fine-tuning."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -242,6 +254,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(bool(self.model), "model", "is required (a local directory, a hub id or embedded:NAME)")
         check(bool(self.output_dir), "output_dir", "is required")
+        blocker = _file_in_the_way(Path(self.output_dir))
+        where = "" if blocker == Path(self.output_dir) else f"{self.output_dir}: "
+        check(blocker is None, "output_dir", f"{where}{blocker} is a file, not a folder")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -299,6 +314,14 @@ class TrainConfig:
         return out
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The existing file, if any, at ``folder`` or at the first of its parents that exists (mkdir would fail)."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            return None if place.is_dir() else place
+    return None
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 
@@ -342,11 +365,16 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is int:
         check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
         return value
+    if origin is Annotated:  # a str marked as a path: ~ expanded
+        value = _coerce(value, args[0], name)
+        return os.path.expanduser(value) if EXPAND_USER in args[1:] and isinstance(value, str) else value
     if hint is float:
         if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
             value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         check(ok, name, f"expected a number, got {value!r}")
+        # Every float key at once, the newest included: .inf / -.inf / .nan (or 1e999) are never a setting.
+        check(math.isfinite(value), name, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         check(isinstance(value, str), name, f"expected a string, got {value!r}")
@@ -364,7 +392,7 @@ def _describe(hint: Any) -> str:
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "", **given: Any) -> Any:
     """Construct dataclass ``cls`` from ``raw``, checking every key; ``given`` fields are passed as is."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # extras: the PathStr marker
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in given}
     for key in raw:
         if key not in fields:
@@ -415,7 +443,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE (dotted keys for nested sections)")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
@@ -445,14 +476,46 @@ def load(source: str | Path | dict[str, Any] | TrainConfig, overrides: typing.Se
         source = source.to_dict()
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        raw = read_yaml(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
-        try:
-            return from_dict(apply_overrides(raw, overrides))
+            config = from_dict(apply_overrides({} if raw is None else raw, overrides))
+            check_rewards(config.rewards, (path.parent,))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
-    return from_dict(apply_overrides(source, overrides))
+        return config
+    config = from_dict(apply_overrides(source, overrides))
+    check_rewards(config.rewards)
+    return config
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a missing file, bytes that are not UTF-8 or bad YAML: one ConfigError
+    naming the file (and the line)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        byte = data[err.start]
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}{at}") from err
+
+
+def check_rewards(
+    rewards: typing.Sequence[Any], folders: typing.Sequence[Path] = (), models_to_come: typing.Collection[str] = ()
+) -> None:
+    """Each reward entry resolved and checked against its signature (:func:`posttrain.rewards.specs.check_specs`),
+    nothing built: ``folders`` are where a ``module:function`` is looked for before the current directory."""
+    if rewards:
+        from posttrain.rewards.specs import check_specs  # imported here: it imports the config module
+
+        check_specs(rewards, folders, models_to_come)

@@ -20,7 +20,7 @@ import torch
 from posttrain.config import ConfigError, TrainConfig, load
 from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import Renderer
-from posttrain.model.load import load_causal_lm, load_tokenizer
+from posttrain.model.load import load_causal_lm, load_tokenizer, remote_code
 from posttrain.rollout.compare import distribution, sampled_kl, win_rate
 from posttrain.rollout.generate import SamplingParams
 from posttrain.training.offline import evaluate
@@ -37,6 +37,14 @@ def evaluate_run(
     run_dir = path if path.is_dir() else None
     config_path = path / "config.yaml" if run_dir else path
     config = load(config_path)
+    with remote_code(config.trust_remote_code):  # every model load honours the run's key
+        return _evaluate(config, run_dir, model, data, samples, temperature)
+
+
+def _evaluate(
+    config: TrainConfig, run_dir: Path | None, model: str | None, data: str | None, samples: int,
+    temperature: float | None,
+) -> dict[str, Any]:  # fmt: skip
     if model is None:
         model = str(run_dir / "model") if run_dir else config.model
     if not Path(model).exists() and run_dir:
@@ -74,6 +82,7 @@ def compare_generations(
     tokenizer = load_tokenizer(model)
     renderer = Renderer(tokenizer, config.data.chat_template)
     prompts, _ = load_prompts(data, config.data.split, renderer, config.data.prompt_limit)
+    reward_fn.check_columns(data, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = SamplingParams(gen.max_new_tokens, temp, gen.top_p, gen.top_k, gen.stop)
     policy = load_causal_lm(model, trainable=False).to(device)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from posttrain.algorithms import ALGORITHMS, hyperparameter_owners
-from posttrain.config import ConfigError, TrainConfig, apply_overrides, from_dict
+from posttrain.config import ConfigError, TrainConfig, apply_overrides, check_rewards, from_dict, read_yaml
 from posttrain.data.formats import DataError
 from posttrain.data.kinds import load_examples
 
@@ -108,12 +108,8 @@ def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     if isinstance(source, dict):
         return dict(source)
     path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    raw = read_yaml(path)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw
@@ -185,12 +181,12 @@ def stages_of(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()
     raw = read_raw(source)
     where = f"{source}: " if isinstance(source, (str, Path)) else ""
     try:
-        return _stages(raw, overrides)
+        return _stages(raw, overrides, (Path(source).parent,) if isinstance(source, (str, Path)) else ())
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from err
 
 
-def _stages(raw: dict[str, Any], overrides: Sequence[str]) -> list[Stage]:
+def _stages(raw: dict[str, Any], overrides: Sequence[str], folders: Sequence[Path] = ()) -> list[Stage]:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError("stages: expected a non-empty list of stages (each a mapping with at least `method`)")
@@ -235,9 +231,11 @@ def _stages(raw: dict[str, Any], overrides: Sequence[str]) -> list[Stage]:
         elif chained:
             merged["model"] = str(stages[-1].output_dir / "model")
         merged["output_dir"] = str(Path(root) / name)
-        merged = _resolve_stage_refs(merged, {s.name: str(s.output_dir / "model") for s in stages}, label)
+        earlier = {s.name: str(s.output_dir / "model") for s in stages}
+        merged = _resolve_stage_refs(merged, earlier, label)
         try:
             config = from_dict(merged)
+            check_rewards(config.rewards, folders, models_to_come=set(earlier.values()))
         except ConfigError as err:
             raise ConfigError(f"{label}: {err}") from err
         lora = getattr(stages[-1].config, "lora", None) if chained else None

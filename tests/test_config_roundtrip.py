@@ -67,6 +67,7 @@ FULL: dict[str, Any] = {
     "eval_steps": 5,
     "save_steps": 10,
     "logging_steps": 2,
+    "trust_remote_code": True,
 }
 HYPERPARAMETERS = {
     "dpo": {"beta": 0.2, "rpo_alpha": 0.5},

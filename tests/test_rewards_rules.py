@@ -280,17 +280,17 @@ def test_load_reward_model_by_name(tiny_model_dir: Path, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"weight": 1.0}, "needs a 'name'"),
-        ("no_such_reward", "unknown reward 'no_such_reward': not a built-in"),
+        ({"weight": 1.0}, "name: is required"),
+        ("no_such_reward", "reward 'no_such_reward': not a built-in reward"),
         ("no_such_module_xyz:fn", "cannot import 'no_such_module_xyz'"),
         ("posttrain.rewards.rules:Nope", "has no attribute 'Nope'"),
-        ({"name": "numeric_answer", "colum": "x"}, "unexpected keyword argument 'colum'"),
+        ({"name": "numeric_answer", "colum": "x"}, "unknown option 'colum' (did you mean 'column'?)"),
         ({"name": "reward_model"}, "missing a required argument: 'path'"),
         ({"name": "posttrain.rewards.rules:extract_number", "x": 1}, "not a class, so it takes no options"),
         ({"name": "numeric_answer", "weight": "1"}, "weight must be a finite number"),
         ({"name": "numeric_answer", "weight": True}, "weight must be a finite number"),
         ({"name": "numeric_answer", "weight": math.inf}, "weight must be a finite number"),
-        ("posttrain.rewards.combine:BUILTIN_REWARDS", "is not callable"),
+        ("posttrain.rewards.combine:BUILTIN_REWARDS", "not callable (a dict)"),
     ],
 )
 def test_load_reward_errors(spec: Any, message: str) -> None:

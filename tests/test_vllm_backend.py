@@ -138,7 +138,7 @@ def test_engine_settings(monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: PreTra
     assert isinstance(gen, Generator)
     assert fake.instances[0].kwargs == dict(
         model="/ckpt", tokenizer="/ckpt", gpu_memory_utilization=0.25, dtype="auto", enable_prefix_caching=True,
-        max_model_len=99,
+        trust_remote_code=False, max_model_len=99,
     )  # fmt: skip
     assert os.environ[ENV] == "0"  # colocated: the V1 engine core runs in this process
 

@@ -23,9 +23,11 @@ Any bad row raises :class:`DataError` with one line naming the file, the row and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import numbers
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +45,31 @@ BUNDLED = "bundled:"
 
 
 def resolve_source(source: str) -> str:
-    """``bundled:NAME`` names a data file shipped inside the package (see posttrain/bundled/README.md)."""
+    """``bundled:NAME`` names a data file shipped inside the package (see posttrain/bundled/README.md); a
+    leading ``~`` is the home folder. Other relative paths are relative to the current directory."""
     if source.startswith(BUNDLED):
         return str(Path(__file__).resolve().parent.parent / "bundled" / source[len(BUNDLED) :])
-    return source
+    return os.path.expanduser(source)
+
+
+def decode(data: bytes, source: str, unit: str = "line", first: int = 1) -> str:
+    """``data`` (the file's text from its line ``first``) as UTF-8 (a byte-order mark skipped); bytes that are
+    not UTF-8 are a DataError naming the file, the line (``unit``: ``row`` for JSONL, whose rows are its
+    lines) and the byte.
+
+    >>> decode(b'{"a": 1}\\n{"a": "\\xff"}\\n', "d.jsonl", "row")
+    Traceback (most recent call last):
+    posttrain.data.formats.DataError: d.jsonl: row 2: not UTF-8 text (byte 0xff at column 8); save the file as UTF-8
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = first + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{source}: {unit} {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
@@ -60,8 +83,9 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
             raise DataError(f"{source}: file not found")
         yield from _read_hub(source, split)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as f:  # -sig: skip a byte-order mark, as Windows tools write
-            for number, line in enumerate(f, start=1):
+        with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named (-sig: a BOM, as Windows writes)
+            for number, raw in enumerate(f, start=1):
+                line = decode(raw, source, "row", number)
                 if not line.strip():
                     continue
                 try:
@@ -70,19 +94,30 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
                     raise DataError(f"{source}: row {number}: not valid JSON ({err.msg})") from None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(decode(path.read_bytes(), source))
         except json.JSONDecodeError as err:
             raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(data, list):
             raise DataError(f"{source}: expected a JSON list of rows, got {type(data).__name__}")
         yield from enumerate(data, start=1)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq  # a dependency of `datasets`
+        import pyarrow as pa  # a dependency of `datasets`
+        import pyarrow.parquet as pq
 
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{source}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+        yield from enumerate(table.to_pylist(), start=1)
     elif suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as f:  # else a BOM renames the first column
-            yield from enumerate(csv.DictReader(f), start=1)
+        text = decode(path.read_bytes(), source)  # -sig: else a BOM renames the first column
+        try:
+            for number, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
+                if None in row:  # DictReader's key for the cells beyond the header's
+                    raise DataError(f"{source}: row {number}: more cells than the header has columns")
+                yield number, row
+        except csv.Error as err:
+            raise DataError(f"{source}: not valid CSV ({err})") from None
     else:
         raise DataError(f"{source}: unknown data format {suffix!r}; use .jsonl .json .parquet .csv or a dataset dir")
 
@@ -199,6 +234,10 @@ def _split_messages(chosen: Conversation, rejected: Conversation) -> tuple[Conve
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _rstripped(value: str | Conversation) -> object:
+    return value.rstrip() if isinstance(value, str) else [(m["role"], m["content"].rstrip()) for m in value]
+
+
 def preference_example(source: str, number: int, row: Any) -> PreferenceExample:
     """Validate one preference row (any of the three shapes) into a :class:`PreferenceExample`."""
     r = _Row(source, number, row)
@@ -208,6 +247,8 @@ def preference_example(source: str, number: int, row: Any) -> PreferenceExample:
         raise r.fail("rejected", "must have the same shape as 'chosen' (both strings or both message lists)")
     if chosen == rejected:
         raise r.fail("rejected", "identical to 'chosen'")
+    if _rstripped(chosen) == _rstripped(rejected):  # templates and tokenizers drop such differences
+        raise r.fail("rejected", "identical to 'chosen' but for trailing whitespace: no preference to learn")
     prompt: str | Conversation
     if "prompt" in r.row and r.row["prompt"] is not None:
         prompt = r.text_or_messages("prompt")

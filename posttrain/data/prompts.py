@@ -22,6 +22,8 @@ class PromptRecord:
     columns: dict[str, Any] = field(default_factory=dict)
     prompt: str | Conversation = ""
     """The prompt as read (text or conversation), e.g. to write it into generated preference pairs."""
+    row: int = 0
+    """Its row in the data file (from 1), for errors that name it."""
 
 
 def load_prompts(
@@ -47,7 +49,7 @@ def load_prompts(
             prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
         )
         columns = {k: v for k, v in r.row.items() if k != "prompt"}
-        records.append(PromptRecord(tuple(ids), text, len(records), columns, prompt))
+        records.append(PromptRecord(tuple(ids), text, len(records), columns, prompt, number))
     if not records:
         raise DataError(f"{source}: no rows")
     return records, stats

@@ -161,6 +161,8 @@ def tokenize_preferences(
             raise DataError(f"{source}: row {ex.row}: {err}") from None
         if not prompt:
             raise DataError(f"{source}: row {ex.row}: field 'prompt': tokenizes to no tokens")
+        if chosen == rejected:  # e.g. a chat template that trims what tells them apart
+            raise DataError(f"{source}: row {ex.row}: field 'rejected': the same tokens as 'chosen' once tokenized")
         kept = truncate(prompt, [chosen, rejected], max_length, max_prompt_length, stats)
         if kept is not None:
             p, (c, r) = kept

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import os
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from posttrain.config import ConfigError
@@ -15,6 +20,117 @@ from posttrain.model import embedded
 from posttrain.model.lora import exact_4bit_kernels
 
 _EMPTY = contextvars.ContextVar("posttrain_empty_weights", default=False)
+_TRUSTED = contextvars.ContextVar("posttrain_trust_remote_code", default=False)
+# What the hub takes as a model id: NAME or ORG/NAME. Anything else that is not a folder is a missing folder.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+@contextlib.contextmanager
+def remote_code(trusted: bool) -> Iterator[None]:
+    """Inside, every model and tokenizer load (policy, reference, reward model, critic, vLLM) passes
+    ``trust_remote_code=trusted``: the run's ``trust_remote_code`` key, set once where a run starts (one
+    setting, not an argument threaded through every loader). Outside: false. With false, a model that needs
+    its own code is refused in one line (:func:`model_source`); transformers never prompts."""
+    token = _TRUSTED.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def trusted() -> bool:
+    """The ``trust_remote_code`` in force (see :func:`remote_code`)."""
+    return _TRUSTED.get()
+
+
+def local_model_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a model, when that shows without loading it: a file, a folder without
+    ``config.json``, or no folder at all where the name cannot be a hub id either. None: it may load."""
+    if name.startswith(embedded.PREFIX):
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"{name} holds no config.json (not a saved model)"
+    if path.exists():
+        return f"{name} is a file, not a model folder"
+    if name.startswith((".", "~", "/")) or not _HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        return f"{name}: no such folder (and not a hub id, NAME or ORG/NAME)"
+    return None
+
+
+def model_source(name: str, key: str = "model", *, tokenizer: bool = False) -> str:
+    """``name`` as ``from_pretrained`` takes it (``embedded:`` converted, ``~`` expanded), checked first so
+    that each way it can be wrong is one ConfigError naming ``key``: a missing folder, a file, a folder
+    without ``config.json`` (or, for ``tokenizer``, without tokenizer files), custom code not trusted."""
+    try:
+        source = embedded.resolve(os.path.expanduser(name))
+    except (ValueError, RuntimeError) as err:  # an unknown embedded name, its package not installed
+        raise ConfigError(f"{key}: {err}") from None
+    path = Path(source)
+    if tokenizer and path.is_dir():
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"{key}: {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    else:
+        problem = local_model_problem(source)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+    if path.is_dir() and not trusted() and _needs_custom_code(path, key):
+        raise ConfigError(
+            f"{key}: {name} needs its own Python code (config.json has auto_map and a model_type transformers "
+            "does not know); set trust_remote_code: true to run it, if you trust that code"
+        )
+    return source
+
+
+def _needs_custom_code(folder: Path, key: str) -> bool:
+    """transformers' own test for a local folder: ``auto_map`` in config.json and a ``model_type`` it does
+    not know. (A hub repo, or a tokenizer of its own, is refused by transformers itself: :func:`_refused`.)"""
+    from transformers import CONFIG_MAPPING
+
+    file = folder / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{key}: {file} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: {file} is not a JSON object")
+    return bool(values.get("auto_map")) and values.get("model_type") not in CONFIG_MAPPING
+
+
+def _refused(err: Exception, name: str, key: str, what: str = "") -> ConfigError:
+    """A load that failed, as one line naming the key: transformers' refusal of custom code (a hub repo), a
+    weights file that cannot be read (truncated, corrupt), or the error's first line."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "trust_remote_code" in str(err):
+        return ConfigError(f"{key}: {name} needs its own Python code; set trust_remote_code: true to run it")
+    if type(err).__name__ == "SafetensorError":
+        return ConfigError(f"{key}: {name}: a weights file cannot be read (truncated or corrupt?): {first}")
+    elsewhere = "" if Path(name).expanduser().exists() or embedded.is_embedded(name) else " (no such local folder)"
+    return ConfigError(f"{key}: cannot load {what}{name!r}{elsewhere}: {first}")
+
+
+def pretrained(auto_class: Any, name: str, key: str = "model", **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(name, **kwargs)``, the one way posttrain loads a model, its config or its
+    tokenizer: the source checked first (:func:`model_source`), ``trust_remote_code`` as the run says
+    (:func:`remote_code`), and each failure one ConfigError naming ``key``."""
+    tokenizer = auto_class.__name__ == "AutoTokenizer"
+    source = model_source(name, key, tokenizer=tokenizer)
+    try:
+        return auto_class.from_pretrained(source, trust_remote_code=trusted(), **kwargs)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, SafetensorError) as err:  # ValueError: transformers' word for a bad model
+        raise _refused(err, name, key, "the tokenizer of " if tokenizer else "") from err
 
 
 @contextlib.contextmanager
@@ -32,7 +148,7 @@ def empty_weights() -> Iterator[None]:
 def _skeleton(auto_class: Any, name: str, **config_kwargs: Any) -> Any:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(embedded.resolve(name), **config_kwargs)
+    config = pretrained(AutoConfig, name, **config_kwargs)
     with torch.device("meta"):
         return auto_class.from_config(config, dtype=torch.float32)
 
@@ -54,14 +170,12 @@ def fill_skeleton(
     return skeleton
 
 
-def load_tokenizer(name: str) -> Any:
-    """The tokenizer of ``name``, with a pad token (EOS when it has none: the loss mask makes it inert)."""
+def load_tokenizer(name: str, key: str = "model") -> Any:
+    """The tokenizer of ``name``, with a pad token (EOS when it has none: the loss mask makes it inert).
+    ``key``: the config key that named it, for errors."""
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(embedded.resolve(name))
-    except OSError as err:
-        raise ConfigError(f"model: cannot load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
+    tokenizer = pretrained(AutoTokenizer, name, key)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -76,14 +190,9 @@ def load_causal_lm(
 
     if _EMPTY.get():
         return ready(_skeleton(AutoModelForCausalLM, name), trainable, gradient_checkpointing)
-    try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            embedded.resolve(name), dtype=torch.float32, output_loading_info=True, **(quantized or {})
-        )
-        model: Any = loaded[0]
-        info: dict[str, Any] = loaded[1]
-    except OSError as err:  # not a directory, not on the hub, or no network: one line, exit 2
-        raise ConfigError(f"model: cannot load {name!r}: {str(err).splitlines()[0]}") from err
+    loaded = pretrained(AutoModelForCausalLM, name, dtype=torch.float32, output_loading_info=True, **(quantized or {}))
+    model: Any = loaded[0]
+    info: dict[str, Any] = loaded[1]
     if info.get("missing_keys"):  # e.g. a reward model's dir: its LM head would be random noise
         missing = sorted(info["missing_keys"])
         raise ConfigError(
@@ -172,15 +281,12 @@ def load_reward_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        if _EMPTY.get():
-            model = _skeleton(AutoModelForSequenceClassification, name, num_labels=1)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                embedded.resolve(name), num_labels=1, dtype=torch.float32, **(quantized or {})
-            )
-    except OSError as err:
-        raise ConfigError(f"model: cannot load {name!r}: {str(err).splitlines()[0]}") from err
+    if _EMPTY.get():
+        model = _skeleton(AutoModelForSequenceClassification, name, num_labels=1)
+    else:
+        model = pretrained(
+            AutoModelForSequenceClassification, name, num_labels=1, dtype=torch.float32, **(quantized or {})
+        )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # The new rows are only ever the pad token's, which right padding and the attention mask keep out of
         # every real position: plain initialisation is enough (mean_resizing would fit a hidden x hidden

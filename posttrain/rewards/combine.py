@@ -7,14 +7,19 @@ or ill-behaved reward into a :class:`RewardError` that names it and the sample.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from posttrain.data.formats import DataError
 from posttrain.rewards.rules import RewardFn
+from posttrain.rewards.specs import BUILTIN_REWARDS as BUILTIN_REWARDS  # its home before specs.py
+from posttrain.rewards.specs import LOOP_COLUMNS, check_options, construct, required_columns, resolve, split_entry
+
+if TYPE_CHECKING:
+    from posttrain.data.prompts import PromptRecord
 
 
 class RewardError(RuntimeError):
@@ -60,6 +65,29 @@ class CombinedReward:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
         return self.score(prompts, completions, **columns).total
 
+    def check_columns(self, source: str, prompts: Sequence[PromptRecord]) -> None:
+        """Every data column a reward reads (:func:`~posttrain.rewards.specs.required_columns`) is in each of
+        the ``prompts`` read from ``source``: else a DataError naming the row, the reward and the column,
+        before anything samples.
+
+        >>> from posttrain.data.prompts import PromptRecord
+        >>> from posttrain.rewards.rules import NumericAnswer
+        >>> rows = [PromptRecord((1,), "q", 0, {"answer": "4"}, row=1)]
+        >>> CombinedReward([("correct", NumericAnswer(column="solution"), 1.0)]).check_columns("d.jsonl", rows)
+        Traceback (most recent call last):
+        posttrain.data.formats.DataError: d.jsonl: row 1: reward 'correct' needs the column 'solution' (columns: answer)
+        """
+        for name, fn, _ in self.rewards:
+            for column in required_columns(fn):
+                if column in LOOP_COLUMNS:
+                    continue
+                lacking = next((p.row for p in prompts if p.columns.get(column) is None), None)
+                if lacking is not None:
+                    seen = ", ".join(sorted({k for p in prompts for k in p.columns})) or "none"
+                    raise DataError(
+                        f"{source}: row {lacking}: reward {name!r} needs the column {column!r} (columns: {seen})"
+                    )
+
     def score(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> RewardScores:
         n = len(prompts)
         for key, values in {"completions": completions, **columns}.items():
@@ -86,6 +114,8 @@ def _checked(
             f"reward {name!r} failed on {place}: {type(err).__name__}: {err}", name, index, prompt
         ) from err
     try:
+        if isinstance(returned, (str, bytes, Mapping)):  # iterable, but never one value per sample
+            raise TypeError
         values = list(returned)
     except TypeError:
         raise RewardError(f"reward {name!r} returned {type(returned).__name__}, not a list of floats", name) from None
@@ -93,14 +123,25 @@ def _checked(
         raise RewardError(f"reward {name!r} returned {len(values)} values for {len(prompts)} samples", name)
     scores = []
     for i, value in enumerate(values):
-        try:
-            score = float(value)
-        except (TypeError, ValueError):
-            score = math.nan
+        # A number (numpy's and one-element tensors' too); never a string that happens to read as one, nor None.
+        score = _as_float(value)
         if not math.isfinite(score):
-            raise RewardError(f"reward {name!r} returned {value!r} for {where(i)}", name, i, str(prompts[i])[:80])
+            raise RewardError(
+                f"reward {name!r} returned {value!r} ({type(value).__name__}, not a finite float) for {where(i)}",
+                name, i, str(prompts[i])[:80],
+            )  # fmt: skip
         scores.append(score)
     return scores
+
+
+def _as_float(value: Any) -> float:
+    """``value`` as a float when it is a number (it has ``__float__``: str and None do not), else NaN."""
+    if not hasattr(value, "__float__"):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # a tensor of several values
+        return math.nan
 
 
 def _fails_alone(
@@ -113,28 +154,20 @@ def _fails_alone(
     return False
 
 
-BUILTIN_REWARDS = {
-    "numeric_answer": "posttrain.rewards.rules:NumericAnswer",
-    "regex_format": "posttrain.rewards.rules:RegexFormat",
-    "length_penalty": "posttrain.rewards.rules:LengthPenalty",
-    "overlong": "posttrain.rewards.rules:SoftOverlongPunishment",
-    "truncation_penalty": "posttrain.rewards.rules:TruncationPenalty",
-    "reward_model": "posttrain.rewards.model:RewardModelScorer",
-}
-
-
 class NamedReward(NamedTuple):
     name: str
     fn: RewardFn
     weight: float
 
 
-def load_reward(spec: str | Mapping[str, Any]) -> NamedReward:
+def load_reward(spec: str | Mapping[str, Any], folders: Sequence[Path] = ()) -> NamedReward:
     """A reward from a config entry ``{name: ..., weight: 1.0, label: ..., **options}`` (or just its name).
 
     ``name`` is a built-in (:data:`BUILTIN_REWARDS`) or an import path, ``"package.module:attr"`` or
-    ``"package.module.attr"``. A class is built with ``options`` as keyword arguments; a function is used
-    as is and takes no options. ``label`` (default: ``name``) is the name it is logged under.
+    ``"package.module.attr"``, its module looked for in ``folders``, the current directory, then the installed
+    packages (:mod:`posttrain.rewards.specs`). A class is built with ``options`` as keyword arguments; a
+    function is used as is and takes no options. ``label`` (default: ``name``) is the name it is logged under.
+    Every mistake is a ValueError naming the reward.
 
     >>> load_reward({"name": "numeric_answer", "weight": 2.0, "column": "solution"}).fn.column
     'solution'
@@ -142,46 +175,18 @@ def load_reward(spec: str | Mapping[str, Any]) -> NamedReward:
     Traceback (most recent call last):
     ValueError: reward 'posttrain.rewards.rules:RegexFormat': missing a required argument: 'pattern'
     """
-    options = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name, weight, label = options.pop("name", None), options.pop("weight", 1.0), options.pop("label", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a reward entry needs a 'name' (one of {sorted(BUILTIN_REWARDS)} or an import path)")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ValueError(f"reward {name!r}: weight must be a finite number, got {weight!r}")
-    target = _import(name, BUILTIN_REWARDS.get(name, name))
-    if inspect.isclass(target):
-        try:
-            inspect.signature(target).bind(**options)
-        except TypeError as err:
-            raise ValueError(f"reward {name!r}: {err}") from None
-        fn = target(**options)
-    elif options:
-        raise ValueError(f"reward {name!r} is not a class, so it takes no options; got {sorted(options)}")
-    else:
-        fn = target
+    name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, Mapping) else None
+    try:
+        name, weight, label, options = split_entry(spec)
+        target = resolve(name, folders)
+        fn = construct(target, check_options(target, options))
+    except ValueError as err:
+        raise ValueError(f"reward {name!r}: {err}" if isinstance(name, str) else str(err)) from err
     if not callable(fn):
         raise ValueError(f"reward {name!r} is not callable: {fn!r}")
-    return NamedReward(label or name, fn, float(weight))
+    return NamedReward(label or name, fn, weight)
 
 
-def load_rewards(specs: Sequence[str | Mapping[str, Any]]) -> CombinedReward:
+def load_rewards(specs: Sequence[str | Mapping[str, Any]], folders: Sequence[Path] = ()) -> CombinedReward:
     """:func:`load_reward` on each config entry, combined."""
-    return CombinedReward([load_reward(spec) for spec in specs])
-
-
-def _import(name: str, path: str) -> Any:
-    module_name, sep, attrs = path.partition(":")
-    if not sep:
-        module_name, _, attrs = path.rpartition(".")
-    if not module_name or not attrs:
-        known = ", ".join(sorted(BUILTIN_REWARDS))
-        raise ValueError(f"unknown reward {name!r}: not a built-in ({known}) nor 'package.module:function'")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward {name!r}: cannot import {module_name!r} ({err})") from None
-    for attr in attrs.split("."):
-        if not hasattr(target, attr):
-            raise ValueError(f"reward {name!r}: {module_name!r} has no attribute {attrs!r}")
-        target = getattr(target, attr)
-    return target
+    return CombinedReward([load_reward(spec, folders) for spec in specs])

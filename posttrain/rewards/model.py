@@ -9,7 +9,7 @@ import torch
 
 from posttrain.data.examples import Conversation
 from posttrain.data.tokenize import Renderer, TruncationStats, truncate
-from posttrain.model import embedded
+from posttrain.model.load import pretrained
 
 
 class RewardModelScorer:
@@ -37,9 +37,8 @@ class RewardModelScorer:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        source = embedded.resolve(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+        self.tokenizer = pretrained(AutoTokenizer, path, "reward_model: path")
+        model = pretrained(AutoModelForSequenceClassification, path, "reward_model: path", dtype=torch.float32)
         if model.config.num_labels != 1:
             raise ValueError(f"{path}: a reward model has one output, this classifier has {model.config.num_labels}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -75,6 +75,7 @@ class NumericAnswer:
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         self.column, self.correct, self.wrong, self.tolerance = column, correct, wrong, tolerance
+        self.required_columns = (column,)  # checked against the data before anything samples
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
         references = _column(columns, self.column, len(completions), "NumericAnswer")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from posttrain import distributed
+from posttrain.model import load
 from posttrain.model.lora import is_lora
 from posttrain.rollout.generate import Rollout, SamplingParams, _eos_ids, cut_completion
 
@@ -109,7 +110,7 @@ class VLLMGenerator:
             extra["distributed_executor_backend"] = "external_launcher"
         self.llm: Any = vllm.LLM(
             model=model_path, tokenizer=model_path, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-            enable_prefix_caching=True, **extra,
+            enable_prefix_caching=True, trust_remote_code=load.trusted(), **extra,
         )  # fmt: skip
 
     def push_weights(self) -> None:
