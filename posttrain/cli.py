@@ -138,6 +138,14 @@ def _train_pipeline(config: str | Path | dict[str, Any], overrides: Sequence[str
     return 0
 
 
+def _error(err: Exception) -> None:
+    """A known error's one line on stderr: on a line of its own even while a progress bar is drawn there
+    (tqdm clears the bar first), its message kept to one line."""
+    from tqdm import tqdm
+
+    tqdm.write(f"posttrain: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -164,13 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return _validate(args.file, args.method, args.split)
     except (ConfigError, DataError) as err:
-        print(f"posttrain: error: {err}", file=sys.stderr)
+        _error(err)
         return 2
     except PipelineError as err:  # a stage failed while running; its cause is chained for Python callers
-        print(f"posttrain: error: {err}", file=sys.stderr)
+        _error(err)
         return 1
     except RewardError as err:  # a reward failed or returned a bad value at a rollout: the reward and the value
-        print(f"posttrain: error: {err}", file=sys.stderr)
+        _error(err)
         return 1
 
 

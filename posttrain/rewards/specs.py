@@ -131,7 +131,7 @@ def check_options(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     a string, becomes a float as in the rest of the config). Returns the options to construct with."""
     if not inspect.isclass(target):
         if not callable(target):
-            raise ValueError(f"not callable: {target!r}")
+            raise ValueError(f"not callable (a {type(target).__name__})")
         if options:
             raise ValueError(f"not a class, so it takes no options; got {sorted(options)}")
         return {}

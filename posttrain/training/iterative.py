@@ -90,9 +90,11 @@ def run_iterative(
     tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
     all_prompts, _ = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
+    reward_fn.check_columns(config.data.train, all_prompts)
     eval_prompts = []
     if config.data.eval:
         eval_prompts = load_prompts(config.data.eval, config.data.split, renderer, config.data.prompt_limit)[0]
+        reward_fn.check_columns(config.data.eval, eval_prompts)
     make_generator = generator_factory or default_generator(config)
     output_dir = Path(config.output_dir)
     prepare_output_dir(output_dir, resume)

@@ -28,7 +28,7 @@ from posttrain.algorithms import OnlineAlgorithm
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig, load
 from posttrain.model import lora
-from posttrain.model.load import load_tokenizer
+from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
 from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricSums, MetricsWriter
@@ -181,6 +181,11 @@ def run(
     """Train one offline method end to end; what ``posttrain train`` runs."""
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
+    with remote_code(config.trust_remote_code):  # every model load of the run honours the key
+        return _run(config, resume)
+
+
+def _run(config: TrainConfig, resume: bool) -> RunResult:
     lora.check_quantization(config)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
     check_processes(config)

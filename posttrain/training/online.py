@@ -108,7 +108,10 @@ def method_rewards(config: TrainConfig) -> CombinedReward:
                 f"rewards: method {alg.name} adds the {spec['name']!r} reward itself (overlong_buffer, "
                 "overlong_penalty); remove it from rewards or set overlong_buffer: 0"
             )
-    return load_rewards([*config.rewards, *extra])
+    try:
+        return load_rewards([*config.rewards, *extra])
+    except ValueError as err:  # checked when the config was read; what is left: a constructor's refusal
+        raise ConfigError(f"rewards: {err}") from err
 
 
 def default_generator(config: TrainConfig) -> Callable[[nn.Module, Any], Generator]:
@@ -150,6 +153,7 @@ def run_online(
         tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
     prompts, stats = load_prompts(config.data.train, config.data.split, renderer, config.data.prompt_limit)
+    reward_fn.check_columns(config.data.train, prompts)
     log = tqdm.write if distributed.is_main() else lambda _: None
     log(f"train prompts: {stats.summary()}")
     if len(prompts) < config.batch_size:
@@ -159,6 +163,8 @@ def run_online(
         if (config.data.eval)
         else []
     )
+    if config.data.eval:
+        reward_fn.check_columns(config.data.eval, eval_prompts)
 
     # 2. Output directory, policy, reference (only when beta > 0), generator.
     output_dir = Path(config.output_dir)
