@@ -250,6 +250,10 @@ class TrainConfig:
     save_steps: int | None = None
     """Save a resumable checkpoint every N steps (and always at the end)."""
     logging_steps: int = 1
+    deterministic: bool = False
+    """Deterministic kernels (``posttrain.determinism``): torch's deterministic algorithms, cuDNN deterministic
+    and not benchmarking, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (refused when CUDA started without it). A run
+    and its resumption then agree bit for bit on a CUDA GPU too; slower there (docs/config.md)."""
 
     def __post_init__(self) -> None:
         check(bool(self.model), "model", "is required (a local directory, a hub id or embedded:NAME)")
@@ -279,6 +283,8 @@ class TrainConfig:
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        d = self.deterministic
+        check(isinstance(d, bool), "deterministic", f"expected true or false, got {d!r}")
         check(
             not (self.algorithm.needs_reference and self.reference.kind == "none"),
             "reference.kind",

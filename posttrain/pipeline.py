@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from posttrain import determinism
 from posttrain.algorithms import ALGORITHMS, hyperparameter_owners
 from posttrain.config import ConfigError, TrainConfig, apply_overrides, check_rewards, from_dict, read_yaml
 from posttrain.data.formats import DataError
@@ -376,6 +377,14 @@ def run_pipeline(
     from posttrain.training.offline import run
 
     stages = validate(source, overrides, resume)
+    # Each stage's run sets its own determinism switches; a deterministic stage needs cuBLAS's setting before
+    # an earlier stage starts CUDA, so it is made (or refused) here, first.
+    deterministic = [s for s in stages if not s.done and s.config.deterministic]
+    if deterministic:
+        try:
+            determinism.configure(True)
+        except ConfigError as err:
+            raise ConfigError(f"{deterministic[0].label}: {err}") from err
     results: list[RunResult] = []
     for stage in stages:
         if stage.done:

@@ -7,11 +7,52 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import posttrain
+from posttrain import distributed
 from posttrain.training import checkpoint
 
 BUNDLED_TRAIN = Path(posttrain.__file__).parent / "bundled" / "prefs_train.jsonl"
+
+ON_CUDA = distributed.device().type == "cuda"
+"""Whether the suite's runs train on a CUDA GPU (posttrain takes the GPU wherever torch sees one)."""
+
+CUDA_TOLERANCE: dict[torch.dtype, tuple[float, float]] = {torch.float32: (1e-4, 1e-5)}
+"""(relative, absolute) differences that CUDA's kernels give between two computations of the same float32
+figure: they accumulate with atomics (``index_add``, the embedding backward) in an order that changes from
+call to call, so a tie at 0 breaks either way and sums differ in their last bits. 1e-4 / 1e-5 is the bound
+that every float figure of three optimizer steps met on the H200 (tests/test_layout.py, issue 15); the
+differences seen there were ~1e-6."""
+
+BIT_EXACT: dict[str, Any] = {"deterministic": True} if ON_CUDA else {}
+"""Config keys of a run that a test compares bit for bit (resume against an uninterrupted run, a DPO
+accuracy at a margin tie): ``deterministic: true`` on CUDA (docs/config.md); nothing on a CPU, whose kernels
+give the same bits already, so that the suite keeps testing the default there."""
+
+
+def assert_close_for_device(actual: Any, expected: Any, rel: float = 0.0, abs: float = 0.0, msg: object = "") -> None:
+    """``actual`` equals ``expected`` (tensors, numbers or lists of numbers) elementwise within
+    ``max(rel * |expected|, abs)``, pytest.approx's rule; by default bit for bit. Where the runs train on a
+    CUDA GPU, the bounds are at least :data:`CUDA_TOLERANCE` of the dtype (Python numbers are float32
+    figures); on a CPU the assertion is exactly as strict as written."""
+    a, e = (x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in (actual, expected))
+    if ON_CUDA:
+        dtype = actual.dtype if isinstance(actual, torch.Tensor) else torch.float32
+        device_rel, device_abs = CUDA_TOLERANCE[dtype]
+        rel, abs = max(rel, device_rel), max(abs, device_abs)
+    where = f"{msg}: " if msg != "" else ""
+    assert a.shape == e.shape, f"{where}shapes {tuple(a.shape)} and {tuple(e.shape)}"
+    a, e = a.detach().cpu().double(), e.detach().cpu().double()  # exact for every float dtype up to 64 bits
+    diff = (a - e).abs()
+    ok = (a == e) | (diff <= (rel * e.abs()).clamp(min=abs))
+    if not bool(ok.all()):
+        worst = int(torch.where(ok, torch.zeros_like(diff), diff.nan_to_num(nan=float("inf"))).argmax())
+        raise AssertionError(
+            f"{where}{int((~ok).sum())} of {ok.numel()} values differ by more than max({rel:g} x |expected|, "
+            f"{abs:g}); the largest at flat index {worst}: {a.flatten()[worst].item()!r} vs "
+            f"{e.flatten()[worst].item()!r}"
+        )
 
 
 def first_bundled_pairs(path: Path, n: int = 32) -> Path:

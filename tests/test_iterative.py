@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import ON_CUDA
 
 from posttrain.config import load
 from posttrain.data.prompts import PromptRecord
@@ -57,6 +58,8 @@ def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> No
     assert (
         set(rounds[1]["heldout_at_start"]) == set(result.summary["heldout_after"]) >= {"reward", "reward/regex_format"}
     )
+    # Peak memory over every round (the GPU's too on a CUDA machine: tests/test_memory.py).
+    assert result.summary["peak_rss_gb"] > 0 and ("peak_gpu_allocated_gb" in result.summary) == ON_CUDA
 
 
 def test_round_prompts_are_fresh_each_round_and_reproducible() -> None:

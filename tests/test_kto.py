@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import assert_plain_transformers_loads, run_config
+from support import BIT_EXACT, assert_close_for_device, assert_plain_transformers_loads, run_config
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -469,8 +469,8 @@ def test_cached_reference_matches_copy_and_is_reused(
 ) -> None:
     """The cache (own and mismatched completions) gives a frozen copy's figures; a rerun reuses the file."""
     cache = tmp_path / "cache"
-    cached = {"reference": {"kind": "cached", "cache_dir": str(cache)}, "max_steps": 3}
-    copy_run = posttrain.train(kto_config(tiny_model_dir, unpaired_file, tmp_path / "copy", max_steps=3))
+    cached = {"reference": {"kind": "cached", "cache_dir": str(cache)}, "max_steps": 3, **BIT_EXACT}
+    copy_run = posttrain.train(kto_config(tiny_model_dir, unpaired_file, tmp_path / "copy", max_steps=3, **BIT_EXACT))
     first = posttrain.train(kto_config(tiny_model_dir, unpaired_file, tmp_path / "c1", **cached))
     assert "computed and cached" in capsys.readouterr().out
     assert len(list(cache.glob("*.safetensors"))) == 1  # train and eval are the same records: one key
@@ -481,7 +481,7 @@ def test_cached_reference_matches_copy_and_is_reused(
     assert [m["loss"] for m in b] == [m["loss"] for m in c]
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "kl", "ref_logps"):
-            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+            assert_close_for_device(y[key], x[key], rel=1e-5, abs=1e-6, msg=key)
 
 
 def test_lora_reference_is_the_base_with_adapters_off(
@@ -492,12 +492,13 @@ def test_lora_reference_is_the_base_with_adapters_off(
     pytest.importorskip("peft")
     runs = []
     for kind in ("copy", "cached"):
-        extra = {"lora": {"r": 4}, "max_steps": 3, "reference": {"kind": kind, "cache_dir": str(tmp_path / "c")}}
+        extra = {"lora": {"r": 4}, "max_steps": 3, "reference": {"kind": kind, "cache_dir": str(tmp_path / "c")},
+                 **BIT_EXACT}  # fmt: skip
         runs.append(posttrain.train(kto_config(tiny_model_dir, unpaired_file, tmp_path / kind, **extra)))
     for run in runs:
-        assert run.summary["heldout_before"]["loss"] == pytest.approx(0.5, abs=1e-6)
-        assert run.summary["heldout_before"]["kl"] == 0.0
+        assert_close_for_device(run.summary["heldout_before"]["loss"], 0.5, abs=1e-6, msg="loss")
+        assert_close_for_device(run.summary["heldout_before"]["kl"], 0.0, msg="kl")
     a, b = ([m for m in read_metrics(r.metrics_path) if m["split"] == "train"] for r in runs)
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "kl", "ref_logps"):
-            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+            assert_close_for_device(y[key], x[key], rel=1e-5, abs=1e-6, msg=key)

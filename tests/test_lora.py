@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import assert_same_causal_lm_run, killed_after_first_checkpoint, run_config
+from support import BIT_EXACT, assert_same_causal_lm_run, killed_after_first_checkpoint, run_config
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -85,7 +85,7 @@ def test_lora_adapter_only_save(tiny_model_dir: Path, pairs_file: Path, tmp_path
 def test_lora_resume_equals_uninterrupted(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = {"max_steps": 4, "save_steps": 2}
+    extra = {"max_steps": 4, "save_steps": 2, **BIT_EXACT}
     straight = posttrain.train(lora_config(tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
     cfg = lora_config(tiny_model_dir, pairs_file, tmp_path / "resumed", **extra)
     killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)

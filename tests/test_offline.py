@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from support import assert_plain_transformers_loads, first_bundled_pairs, killed_after_first_checkpoint, run_config
+from support import (
+    BIT_EXACT,
+    assert_close_for_device,
+    assert_plain_transformers_loads,
+    first_bundled_pairs,
+    killed_after_first_checkpoint,
+    run_config,
+)
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -79,11 +86,14 @@ def test_accumulation_run_figures_match(tiny_model_dir: Path, pairs_file: Path, 
     """Through the whole loop: step-1 loss and metrics are the same with 1x8 and 4x2 micro-batches."""
     runs = []
     for mb in (8, 2):
-        cfg = tiny_config(tiny_model_dir, pairs_file, tmp_path / f"mb{mb}", micro_batch_size=mb, max_steps=1)
+        cfg = tiny_config(
+            tiny_model_dir, pairs_file, tmp_path / f"mb{mb}", micro_batch_size=mb, max_steps=1, **BIT_EXACT
+        )
         runs.append(read_metrics(posttrain.train(cfg).metrics_path))
     first = [next(m for m in r if m["split"] == "train") for r in runs]
+    # (Step 1: policy = reference, every margin a tie at 0, which BIT_EXACT keeps a tie on CUDA too.)
     for key in ("loss", "accuracy", "margins", "policy_chosen_logps", "grad_norm"):
-        assert first[0][key] == pytest.approx(first[1][key], rel=1e-5, abs=1e-7), key
+        assert_close_for_device(first[0][key], first[1][key], rel=1e-5, abs=1e-7, msg=key)
 
 
 def test_saved_model_is_the_trained_one(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
@@ -109,7 +119,7 @@ def test_resume_equals_uninterrupted(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Kill a run right after its step-3 checkpoint, resume it: weights and metrics equal a straight run."""
-    extra = {"max_steps": 6, "save_steps": 3, "lr_scheduler": "cosine", "warmup_ratio": 0.2}
+    extra = {"max_steps": 6, "save_steps": 3, "lr_scheduler": "cosine", "warmup_ratio": 0.2, **BIT_EXACT}
     straight = posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
 
     cfg = tiny_config(tiny_model_dir, pairs_file, tmp_path / "resumed", **extra)
@@ -140,8 +150,8 @@ def test_cached_reference_matches_copy_and_is_reused(
 ) -> None:
     """The cache gives the figures of a frozen copy; a second run reuses it instead of recomputing."""
     cache = tmp_path / "cache"
-    cached = {"reference": {"kind": "cached", "cache_dir": str(cache)}, "max_steps": 3}
-    copy_run = posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / "copy", max_steps=3))
+    cached = {"reference": {"kind": "cached", "cache_dir": str(cache)}, "max_steps": 3, **BIT_EXACT}
+    copy_run = posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / "copy", max_steps=3, **BIT_EXACT))
     first = posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / "c1", **cached))
     assert "computed and cached" in "".join(capsys.readouterr())
     assert len(list(cache.glob("*.safetensors"))) == 1  # train and eval are the same pairs here: one key
@@ -149,7 +159,7 @@ def test_cached_reference_matches_copy_and_is_reused(
     assert "reused cache" in "".join(capsys.readouterr())
     a, b, c = (train_losses(r.metrics_path) for r in (copy_run, first, second))
     assert b == c
-    assert b == pytest.approx(a, rel=1e-5)
+    assert_close_for_device(b, a, rel=1e-5, abs=1e-12, msg="cached against copy")
 
 
 def test_summary_file(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:

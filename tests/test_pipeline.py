@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from support import killed_after_first_checkpoint
+from support import BIT_EXACT, killed_after_first_checkpoint
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -157,9 +157,9 @@ def test_resume_continues_the_unfinished_stage(
     """Kill the DPO stage after its step-2 checkpoint: a rerun needs --resume, which skips SFT and continues
     DPO from step 2 (reference still the SFT model) to the weights of an uninterrupted pipeline."""
     stages = [{"name": "sft", "method": "sft", "max_steps": 3}, {"method": "dpo", "max_steps": 4, "save_steps": 2}]
-    straight = run_pipeline(sft_dpo(tiny_model_dir, pairs_file, tmp_path / "straight", stages=stages))
+    straight = run_pipeline(sft_dpo(tiny_model_dir, pairs_file, tmp_path / "straight", stages=stages, **BIT_EXACT))
 
-    config = sft_dpo(tiny_model_dir, pairs_file, tmp_path / "run", stages=stages)
+    config = sft_dpo(tiny_model_dir, pairs_file, tmp_path / "run", stages=stages, **BIT_EXACT)
     # (The KeyboardInterrupt comes through unwrapped: an interrupt is not a stage failure.)
     killed_after_first_checkpoint(lambda: run_pipeline(config), monkeypatch)
     with pytest.raises(ConfigError, match=r"^stages\[1\] \(1-dpo\): output_dir: .* pass --resume"):

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from support import (
+    BIT_EXACT,
     assert_plain_transformers_loads,
     assert_same_causal_lm_run,
     first_bundled_pairs,
@@ -148,7 +149,7 @@ def test_qlora_resume_equals_uninterrupted(
     tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A checkpoint holds the adapters; resuming quantizes the base again, to the same 4-bit weights."""
-    extra = {"lora": QLORA, "max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}
+    extra = {"lora": QLORA, "max_steps": 4, "save_steps": 2, "learning_rate": 1e-2, **BIT_EXACT}
     straight = posttrain.train(run_config("dpo", tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
     cfg = run_config("dpo", tiny_model_dir, pairs_file, tmp_path / "resumed", **extra)
     killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)

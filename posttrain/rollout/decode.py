@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from posttrain import determinism
 from posttrain.model.lora import base_model
 
 ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention"})
@@ -70,7 +71,7 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: flo
     if top_p < 1.0:
         ordered, order = torch.sort(scores, dim=-1, descending=True)
         probs = torch.softmax(ordered, dim=-1)
-        before = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+        before = determinism.cumsum(probs, -1) - probs  # the mass of the tokens ranked above each one
         drop = before >= top_p
         drop[:, 0] = False
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
@@ -84,7 +85,7 @@ def draw(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0)
     if temperature == 0:
         return logits.argmax(-1)
     # float64: a float32 running sum past 0.5 would give tokens of probability < 3e-8 an empty interval
-    cdf = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1).double().cumsum(-1)
+    cdf = determinism.cumsum(torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1).double(), -1)
     u = (1.0 - torch.rand((cdf.shape[0], 1), device=cdf.device, dtype=torch.float64)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 

@@ -73,8 +73,7 @@ def save_checkpoint(
             "step": step,
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
+            **rng_state(),
             **extra,
         }
         torch.save(state, tmp / STATE_FILE)
@@ -94,6 +93,22 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def rng_state() -> dict[str, Any]:
+    """The generators a resumed run continues from: torch's CPU one, Python's, and, once this process has used
+    CUDA, every visible GPU's (``cuda``: a list of uint8 tensors, ``torch.cuda.get_rng_state_all``)."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_initialized():  # (asking an unused CUDA for its state would start it)
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 def restore_rng(state: dict[str, Any]) -> None:
+    """Put back :func:`rng_state`'s generators. CUDA states go to the GPUs this process sees (the first ones
+    when it sees fewer than the saving process); a checkpoint without them (written on a CPU) leaves the GPUs'
+    generators as the run's seed set them. With several processes every process takes the first one's states,
+    as it does for the CPU generator."""
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(cuda)[: torch.cuda.device_count()])

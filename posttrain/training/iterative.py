@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from posttrain import distributed
+from posttrain import determinism, distributed
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
@@ -28,6 +28,7 @@ from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.rollout.generate import Generator, Rollout, SamplingParams, shard_seed
 from posttrain.rollout.pairs import best_worst_pairs
+from posttrain.training import memory
 from posttrain.training.offline import RunResult, prepare_output_dir, run
 from posttrain.training.online import default_generator, heldout_figures, method_rewards
 
@@ -84,6 +85,7 @@ def run_iterative(
 ) -> RunResult:
     alg = config.algorithm
     assert isinstance(alg, IterativeDPO)
+    determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     if resume:
         raise ConfigError("--resume: not supported for iterative_dpo yet (each round's offline run is resumable)")
     reward_fn = method_rewards(config)
@@ -155,6 +157,7 @@ def run_iterative(
         final = load_causal_lm(str(output_dir / "model"), trainable=False).to(device)
         summary["heldout_after"] = heldout_figures(make_generator(final, tokenizer), reward_fn, eval_prompts,
                                                    config, pad_id)  # fmt: skip
+    summary.update(memory.peak_memory(device))  # over every round (peaks of the process)
     if distributed.is_main():
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, output_dir / "model", result.metrics_path, result.steps, summary)

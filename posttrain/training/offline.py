@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import random
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,14 +22,14 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from posttrain import distributed
+from posttrain import determinism, distributed
 from posttrain.algorithms import OnlineAlgorithm
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig, load
 from posttrain.model import lora
 from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
-from posttrain.training import checkpoint
+from posttrain.training import checkpoint, memory
 from posttrain.training.metrics import MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.task import OfflineTask
@@ -84,9 +83,10 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
 
 
-# Keys that may change between a run and its resumption: they decide only when to log, evaluate and save, and
-# how many processes share the work (checkpoints hold full, unsharded state: N processes resume on M).
-RESUME_MAY_CHANGE = frozenset({"eval_steps", "save_steps", "logging_steps", "distributed"})
+# Keys that may change between a run and its resumption: they decide only when to log, evaluate and save,
+# how many processes share the work (checkpoints hold full, unsharded state: N processes resume on M) and
+# whether the kernels are the deterministic ones (the same maths, other rounding on a GPU).
+RESUME_MAY_CHANGE = frozenset({"eval_steps", "save_steps", "logging_steps", "distributed", "deterministic"})
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -181,6 +181,7 @@ def run(
     """Train one offline method end to end; what ``posttrain train`` runs."""
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
+    determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     with remote_code(config.trust_remote_code):  # every model load of the run honours the key
         return _run(config, resume)
 
@@ -287,6 +288,7 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
     )
     params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()
+    peaks = memory.peak_memory(device)  # read again at each logging step (no device sync: allocator counters)
     started = time.perf_counter()
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -315,9 +317,10 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
         shown = {"loss": f"{figures['loss']:.4f}"}
         if "accuracy" in figures:
             shown["acc"] = f"{figures['accuracy']:.2f}"
-        progress.set_postfix(shown)
+        progress.set_postfix({**shown, **memory.shown(peaks)})  # (memory as of the last metrics line)
         if (step + 1) % config.logging_steps == 0 or step + 1 == total:
-            writer.write({"split": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, **figures,
+            peaks = memory.peak_memory(device)
+            writer.write({"split": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, **figures, **peaks,
                           "grad_norm": float(grad_norm), "lr": lr, "tokens_per_s": tokens / elapsed,
                           "step_time_s": elapsed})  # fmt: skip
         if eval_records and config.eval_steps and (step + 1) % config.eval_steps == 0 and step + 1 < total:
@@ -333,7 +336,7 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
         summary["heldout_after"] = run_eval(total)
     model_dir = output_dir / "model"
     save(total, model_dir)
-    summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
+    summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
     if distributed.is_main():
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)

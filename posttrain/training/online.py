@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import random
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from posttrain import distributed
+from posttrain import determinism, distributed
 from posttrain.algorithms.online import GRPO, PPO, RLOO, OnlineAlgorithm
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import load_prompts
@@ -39,7 +38,7 @@ from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, l
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
-from posttrain.training import checkpoint
+from posttrain.training import checkpoint, memory
 from posttrain.training.metrics import MetricsWriter, summed
 from posttrain.training.offline import (
     RunResult,
@@ -138,6 +137,7 @@ def run_online(
     (tests pass a deterministic double)."""
     alg = config.algorithm
     assert isinstance(alg, OnlineAlgorithm)
+    determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     # 1. Prompts and rewards: validated before anything is written.
     lora.check_quantization(config)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
@@ -439,9 +439,11 @@ def run_online(
                            value_clip_frac=sums["value_clipped_tokens"] / tokens)  # fmt: skip
             if alg.adaptive_kl:
                 kl_coef = adaptive_kl_coef(kl_coef, float(figures["kl_ref"]), alg.kl_target, alg.kl_gain)
-        writer.write({"split": "train", "step": step + 1, **figures})
+        peaks = memory.peak_memory(device)  # (allocator counters: no device sync)
+        writer.write({"split": "train", "step": step + 1, **figures, **peaks})
         progress.update(1)
-        progress.set_postfix(reward=f"{figures['reward']:.3f}", loss=f"{figures['loss']:.4f}")
+        shown = {"reward": f"{figures['reward']:.3f}", "loss": f"{figures['loss']:.4f}"}
+        progress.set_postfix({**shown, **memory.shown(peaks)})
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
             save(step + 1)
     progress.close()
@@ -460,8 +462,8 @@ def run_online(
         save(total, (plain, plain_critic))
     del plain, plain_critic
     summary["train_time_s"] = round(time.perf_counter() - started, 1)
-    summary["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux: KiB
-    if distributed.is_main():  # (the first process's RSS)
+    summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
+    if distributed.is_main():  # (the first process's figures)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     distributed.barrier()
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)
