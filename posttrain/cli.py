@@ -23,6 +23,7 @@ from posttrain.config import ConfigError
 from posttrain.data.formats import DataError
 from posttrain.pipeline import PipelineError, Stage
 from posttrain.rewards.combine import RewardError
+from posttrain.training.checkpoint import WriteError
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -178,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(err)
         return 1
     except RewardError as err:  # a reward failed or returned a bad value at a rollout: the reward and the value
+        _error(err)
+        return 1
+    except WriteError as err:  # a model or checkpoint not written after the retries (a full disk, say)
         _error(err)
         return 1
 

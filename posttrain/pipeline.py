@@ -280,6 +280,7 @@ def _saved_differences(stage: Stage) -> list[str]:
     those that do not change what is trained (how often to log or save, ``distributed``: a stage finished by
     one process is the stage N processes would train)."""
     from posttrain.training.offline import RESUME_MAY_CHANGE
+    from posttrain.training.rundir import config_changes
 
     path = stage.output_dir / "config.yaml"
     if not path.is_file():
@@ -288,17 +289,14 @@ def _saved_differences(stage: Stage) -> list[str]:
         saved = from_dict(yaml.safe_load(path.read_text())).to_dict()
     except (ConfigError, yaml.YAMLError, TypeError, AttributeError):
         return ["config.yaml (unreadable)"]
-    now = stage.config.to_dict()
-    keys = sorted(set(saved) | set(now))
-    return [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-        for k in keys
-        if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE
-    ]
+    return config_changes(saved, stage.config.to_dict(), RESUME_MAY_CHANGE)  # (a moved pipeline: no change)
 
 
 def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:
-    """Mark the finished stages as done; refuse output directories that a run would clash with."""
+    """Mark the finished stages as done; refuse output directories that a run would clash with (a stage that
+    posttrain marked as failed or killed before its first checkpoint starts again in place)."""
+    from posttrain.training.rundir import restartable
+
     out: list[Stage] = []
     for stage in stages:
         has_files = stage.output_dir.is_dir() and any(stage.output_dir.iterdir())
@@ -316,7 +314,7 @@ def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:
                     f"({'; '.join(changed[:3])}); remove that folder to train the stage again, or rename the stage"
                 )
             stage = Stage(stage.index, stage.name, stage.config, stage.chained, done=True)
-        elif has_files and not resume:
+        elif has_files and not resume and not restartable(stage.output_dir):
             raise ConfigError(
                 f"{stage.label}: output_dir: {stage.output_dir} holds an unfinished run; pass --resume to "
                 "continue it from its last checkpoint, or remove it"
@@ -371,7 +369,21 @@ def run_pipeline(
 ) -> list[RunResult]:
     """Validate every stage, then run them in order (skipping finished ones); one result per stage.
 
-    ``on_stage(stage, result)`` is called after each stage, run or skipped (the CLI prints with it)."""
+    ``on_stage(stage, result)`` is called after each stage, run or skipped (the CLI prints with it). The
+    pipeline's root folder is locked for the whole run: one lock covers every stage's folder."""
+    from posttrain.training import rundir
+
+    root = stages_of(source, overrides)[0].output_dir.parent  # (a bad config: one line, nothing written)
+    with rundir.locked(root):
+        return _run_stages(source, overrides, resume, on_stage)
+
+
+def _run_stages(
+    source: str | Path | dict[str, Any],
+    overrides: Sequence[str],
+    resume: bool,
+    on_stage: Callable[[Stage, RunResult], None] | None,
+) -> list[RunResult]:
     from tqdm import tqdm
 
     from posttrain.training.offline import run

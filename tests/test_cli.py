@@ -201,7 +201,10 @@ def test_train_refuses_a_used_output_dir(
     config = write_config(
         tmp_path / "c.yaml", model=str(tiny_model_dir), output_dir=str(out_dir), data={"train": str(BUNDLED_TRAIN)}
     )
-    assert train_fails(capsys, config).startswith(f"output_dir: {out_dir} already holds files; pass --resume")
+    assert train_fails(capsys, config) == (
+        f"output_dir: {out_dir} already holds files that no posttrain run marked as its own (precious.txt); empty it "
+        "or choose another output_dir"
+    )
     assert [p.name for p in out_dir.iterdir()] == ["precious.txt"]
 
 

@@ -427,10 +427,12 @@ def test_iterative_dpo_rounds_are_the_same(runs: Runs) -> None:
 def test_one_process_resumes_two(name: str, runs: Runs) -> None:
     """A checkpoint written by two processes (ddp replicas, or fsdp2 shards gathered) resumes on one: the
     rest of the run equals an uninterrupted single-process run."""
+    from posttrain.training import checkpoint
+
     assert runs.statuses[f"cut_{name}"] == 0, runs.log[-6000:]
     run_dir = runs.root / "two-to-one" / name
     truncate(run_dir, 1)
-    state = torch.load(run_dir / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    state = checkpoint.load_state(run_dir / "checkpoints" / "step-000001")  # safetensors + JSON, no pickle
     assert all(isinstance(k, int) for k in state["optimizer"]["state"])  # torch's own layout, full tensors
     run_here(runs.job(name, runs.root / "two-to-one", resume=True, grads=None))
     assert_same_run(runs.single / name, run_dir)

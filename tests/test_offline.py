@@ -141,7 +141,7 @@ def test_resume_equals_uninterrupted(
 def test_output_dir_in_use_needs_resume(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1)
     posttrain.train(cfg)
-    with pytest.raises(ValueError, match=r"output_dir: .* already holds files; pass --resume"):
+    with pytest.raises(ValueError, match=r"output_dir: .* already holds files \(a finished run\); choose another"):
         posttrain.train(cfg)
 
 
@@ -225,7 +225,7 @@ def test_resume_without_a_checkpoint_is_refused(tiny_model_dir: Path, pairs_file
 
     cfg = tiny_config(tiny_model_dir, pairs_file, tmp_path / "run", max_steps=1)
     posttrain.train(cfg)
-    with pytest.raises(ConfigError, match=r"holds a run but no checkpoint \(set save_steps"):
+    with pytest.raises(ConfigError, match=r"holds a finished run but no checkpoint \(set save_steps"):
         posttrain.train(cfg, resume=True)
 
 

@@ -153,6 +153,7 @@ def test_dapo_trains_with_its_overlong_term(tiny_model_dir: Path, prompts_file: 
     assert all("reward/soft_overlong" in m and m["reward/soft_overlong"] == 0.0 for m in steps)  # short answers
     assert all(m["tied_groups_trained"] == 0.0 or m["resampled"] == 3 for m in steps)
     twice = {**raw, "rewards": [*raw["rewards"], {"name": "overlong", "max_length": 8, "cache": 2}]}
+    twice["output_dir"] = str(tmp_path / "d2")  # (d holds a finished run: refused first, for another reason)
     with pytest.raises(ConfigError, match=r"rewards: method dapo adds the 'overlong' reward itself"):
         posttrain.train(twice)
 

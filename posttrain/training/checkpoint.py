@@ -3,33 +3,75 @@
 Layout of ``output_dir``::
 
     model/                      the final model and tokenizer (safetensors)
-    checkpoints/step-000020/    a model + tokenizer, and trainer_state.pt (optimizer, scheduler, RNG, step)
-    metrics.jsonl  config.yaml  summary.json
+    checkpoints/step-000020/    a model + tokenizer, and the trainer state (optimizer, scheduler, RNG, step):
+                                trainer_state.safetensors (its tensors) + trainer_state.json (the rest)
+    metrics.jsonl  config.yaml  summary.json  run_state.json  posttrain.lock   (posttrain.training.rundir)
 
 The layout does not depend on the number of processes: the first process writes full (unsharded) models
 and optimizer state, so a run saved by N processes resumes on M (docs/distributed.md).
 
 Every directory is written under a temporary name and renamed when complete, so a run killed mid-save
-never leaves a checkpoint that ``--resume`` would pick up half written.
+never leaves a checkpoint that ``--resume`` would pick up half written; a write that fails (a full disk, a
+lost mount) is tried again after a pause, then stops the run with one line (:class:`WriteError`).
+
+The trainer state holds no pickle: tensors go to safetensors, everything else to JSON, and
+``trainer_state.json`` (written last) lists every file of the checkpoint with its size, so a file truncated
+since (a copy cut short, a damaged disk) is seen and the checkpoint skipped for the previous one. A
+checkpoint of an older posttrain (``trainer_state.pt``) still loads, with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import shutil
+import sys
 import tempfile
+import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
-STATE_FILE = "trainer_state.pt"
+from posttrain.config import ConfigError
+
+STATE_FILE = "trainer_state.json"
+"""The trainer state's plain values and the checkpoint's file list; written last, it marks a checkpoint complete."""
+TENSORS_FILE = "trainer_state.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"
+"""The pickled trainer state of earlier posttrain versions: still read, never executed (``weights_only=True``)."""
+
+RETRY_DELAYS_S = (10.0, 60.0)
+"""Pauses before the second and third try of a failed write (time to free disk space, a mount to return)."""
+
+
+class WriteError(RuntimeError):
+    """A model or checkpoint could not be written, even after the retries; the message is one line."""
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one)."""
+    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one); an OSError is
+    tried again after each of :data:`RETRY_DELAYS_S`, then raised as a one-line :class:`WriteError`."""
+    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+        try:
+            return _write_once(target, write)
+        except OSError as err:
+            if delay is None:
+                raise WriteError(
+                    f"{target}: not written after {attempt} tries ({err}); what it would have held is lost unless an "
+                    "earlier checkpoint holds it (save_steps): free space or fix the folder, then rerun or --resume"
+                ) from err
+            print(f"posttrain: warning: writing {target} failed ({err}); trying again in {delay:g} s", file=sys.stderr)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _write_once(target: Path, write: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -76,20 +118,126 @@ def save_checkpoint(
             **rng_state(),
             **extra,
         }
-        torch.save(state, tmp / STATE_FILE)
+        save_state(tmp, state)
 
     return write_atomically(output_dir / "checkpoints" / f"step-{step:06d}", write)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The completed checkpoint with the highest step, or None."""
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    """``state`` as ``trainer_state.safetensors`` (every tensor) and ``trainer_state.json`` (the rest, with
+    the size of every file already in ``directory``): no pickle, so loading runs no code."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _encode(state, tensors, set())
+    save_file(tensors, str(directory / TENSORS_FILE))
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    text = json.dumps({"format": 1, "files": files, "state": plain})
+    (directory / STATE_FILE).write_text(text, encoding="utf-8")
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
+    """JSON values for ``obj``: tensors replaced by ``{"__tensor__": key}`` (stored in ``tensors``), tuples and
+    dicts with keys other than strings tagged so that they come back as they were."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared memory
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        key = f"t{len(tensors)}"
+        tensors[key] = t
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, storages) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, storages), _encode(v, tensors, storages)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, tensors, storages) for v in obj]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"trainer state: {type(obj).__name__} is not a tensor or a plain value; it cannot be saved")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What makes a complete-looking checkpoint unusable (a file missing or of another size than written,
+    a state file that does not parse), or None when it is whole. Reads sizes and headers, not the weights."""
+    state = checkpoint / STATE_FILE
+    if not state.exists():
+        legacy = checkpoint / LEGACY_STATE_FILE  # no file list: safetensors headers and the zip directory
+        if not zipfile.is_zipfile(legacy):
+            return f"{LEGACY_STATE_FILE}: truncated or not a torch.save file"
+        for path in sorted(checkpoint.glob("*.safetensors")):
+            expected = _safetensors_size(path)
+            if expected != path.stat().st_size:
+                return f"{path.name}: {path.stat().st_size} bytes, its header describes {expected}"
+        return None
+    try:
+        files = json.loads(state.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{STATE_FILE}: unreadable ({type(err).__name__}: {err})"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name}: missing"
+        if path.stat().st_size != size:
+            return f"{name}: {path.stat().st_size} bytes, {size} written"
+    return None
+
+
+def _safetensors_size(path: Path) -> int | None:
+    """The file size a safetensors header describes (8 + header + data), or None when unreadable."""
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def latest_checkpoint(output_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The complete and undamaged checkpoint with the highest step, or None; a damaged one is skipped for
+    the one before it, with a warning (to stderr unless ``log`` is given)."""
     root = output_dir / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()) if root.is_dir() else []
-    return done[-1] if done else None
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).exists() or (p / LEGACY_STATE_FILE).exists()]
+    for path in sorted(done, reverse=True):
+        why = damage(path)
+        if why is None:
+            return path
+        line = f"posttrain: warning: checkpoint {path} is damaged ({why}); using the one before it"
+        (log or (lambda s: print(s, file=sys.stderr)))(line)
+    return None
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    state: dict[str, Any] = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    """The trainer state of ``checkpoint``: safetensors + JSON, or an older posttrain's ``trainer_state.pt``
+    read with ``weights_only=True`` (a file holding anything but tensors and plain values is refused)."""
+    if (checkpoint / STATE_FILE).exists():
+        saved = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        state: dict[str, Any] = _decode(saved["state"], load_file(str(checkpoint / TENSORS_FILE)))
+        return state
+    legacy = checkpoint / LEGACY_STATE_FILE
+    try:
+        state = torch.load(legacy, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"--resume: {legacy} holds objects other than tensors and plain values; it was not loaded (no code "
+            "from it ran): a file posttrain did not write? resume from another checkpoint or start a new run"
+        ) from None
     return state
 
 

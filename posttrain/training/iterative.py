@@ -28,8 +28,8 @@ from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.rollout.generate import Generator, Rollout, SamplingParams, shard_seed
 from posttrain.rollout.pairs import best_worst_pairs
-from posttrain.training import memory
-from posttrain.training.offline import RunResult, prepare_output_dir, run
+from posttrain.training import memory, rundir
+from posttrain.training.offline import RunResult, run
 from posttrain.training.online import default_generator, heldout_figures, method_rewards
 
 
@@ -88,6 +88,16 @@ def run_iterative(
     determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     if resume:
         raise ConfigError("--resume: not supported for iterative_dpo yet (each round's offline run is resumable)")
+    with rundir.claim(Path(config.output_dir), resume=False) as folder:  # locked; its rounds are covered
+        return _rounds(config, folder.path, generator_factory)
+
+
+def _rounds(
+    config: TrainConfig, output_dir: Path, generator_factory: Callable[[nn.Module, Any], Generator] | None
+) -> RunResult:
+    """The rounds, in a claimed folder (a failed or killed run's rounds were cleared: they start again)."""
+    alg = config.algorithm
+    assert isinstance(alg, IterativeDPO)
     reward_fn = method_rewards(config)
     tokenizer = load_tokenizer(config.model)
     renderer = Renderer(tokenizer, config.data.chat_template)
@@ -98,9 +108,6 @@ def run_iterative(
         eval_prompts = load_prompts(config.data.eval, config.data.split, renderer, config.data.prompt_limit)[0]
         reward_fn.check_columns(config.data.eval, eval_prompts)
     make_generator = generator_factory or default_generator(config)
-    output_dir = Path(config.output_dir)
-    prepare_output_dir(output_dir, resume)
-    distributed.barrier()  # every process has looked at output_dir before the first one writes to it
     gen = config.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop)
     device = distributed.device()

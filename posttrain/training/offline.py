@@ -29,7 +29,7 @@ from posttrain.config import ConfigError, TrainConfig, load
 from posttrain.model import lora
 from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
-from posttrain.training import checkpoint, memory
+from posttrain.training import checkpoint, memory, rundir
 from posttrain.training.metrics import MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.task import OfflineTask
@@ -96,34 +96,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     defaults instead of as changes."""
     if saved:
         saved = load(saved).to_dict()
-    changed = [
-        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != current.get(key)
-    ]
+    changed = rundir.config_changes(saved, current, RESUME_MAY_CHANGE)  # (a moved run folder is no change)
     if saved and changed:
         raise ConfigError(
             "--resume: the config differs from the checkpoint's (" + "; ".join(changed) + "); resuming would "
             "silently train a different run: revert the change or start a new run from the checkpoint's model"
         )
-
-
-def resume_point(output_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint ``--resume`` continues from (None: start afresh); a run without one is refused."""
-    last = checkpoint.latest_checkpoint(output_dir) if resume else None
-    if resume and last is None and (output_dir / "metrics.jsonl").exists():
-        raise ConfigError(
-            f"--resume: {output_dir} holds a run but no checkpoint (set save_steps to make runs resumable)"
-        )
-    return last
-
-
-def prepare_output_dir(output_dir: Path, resume: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()) and not resume:
-        raise ConfigError(
-            f"output_dir: {output_dir} already holds files; pass --resume to continue that run or choose another"
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def evaluate(
@@ -198,6 +176,12 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
         from posttrain.training.online import run_online
 
         return run_online(config, resume=resume)
+    with rundir.claim(Path(config.output_dir), resume) as folder:  # locked and checked before anything loads
+        return _train(config, folder)
+
+
+def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
+    """The offline loop in a claimed run folder: its start (step 0 or a checkpoint) is decided."""
     device = distributed.device()
     log = tqdm.write if distributed.is_main() else lambda _: None
     with distributed.main_first():  # an embedded model is converted once, by the first process
@@ -215,15 +199,15 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
         raise ConfigError(f"batch_size: {config.batch_size} is larger than the {len(records)} training examples")
 
     # 2. Output directory, then the policy and its reference (built from the starting weights).
-    output_dir = Path(config.output_dir)
-    prepare_output_dir(output_dir, resume)
-    last = resume_point(output_dir, resume)
-    distributed.barrier()  # every process has looked at output_dir before the first one writes to it
+    output_dir, last = folder.path, folder.checkpoint
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     policy = load_policy(task, config, device)
     log(f"layout: {task.choose_layout(policy)}")
     splits = {"train": records, **({"eval": eval_records} if eval_records else {})}
+    # What the run trains on and from: kept in each checkpoint, compared on resume (the weights before any
+    # are loaded: the starting model's).
+    fingerprints = rundir.fingerprints(policy, splits) if config.save_steps or last is not None else {}
     t_ref = time.perf_counter()
     task.prepare_references(policy, splits, resumed=last is not None)
     reference_s = time.perf_counter() - t_ref
@@ -243,6 +227,7 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
     if last is not None:
         state = checkpoint.load_state(last)
         check_resumable(state.get("config", {}), config.to_dict())
+        rundir.check_fingerprints(state.get("fingerprints"), fingerprints, config)
         distributed.load_optimizer_state(policy, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state)
@@ -253,7 +238,7 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
     writer = MetricsWriter(output_dir / "metrics.jsonl")
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
-    resumable = {"config": config.to_dict()}
+    resumable = {"config": config.to_dict(), "fingerprints": fingerprints}
     micro = config.micro_batch_size or config.batch_size
 
     def save(step: int, model_dir: Path | None = None) -> None:

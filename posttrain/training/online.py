@@ -38,15 +38,13 @@ from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, l
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
-from posttrain.training import checkpoint, memory
+from posttrain.training import checkpoint, memory, rundir
 from posttrain.training.metrics import MetricsWriter, summed
 from posttrain.training.offline import (
     RunResult,
     batch_indices,
     check_processes,
     check_resumable,
-    prepare_output_dir,
-    resume_point,
 )
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.ppo import critic_values, ppo_figures, ppo_loss, ppo_targets
@@ -147,6 +145,16 @@ def run_online(
             "distributed.strategy: fsdp2 with generation.backend: vllm is not supported (the engine would need the "
             "full weights gathered for every rollout); use ddp, or the hf backend"
         )
+    with rundir.claim(Path(config.output_dir), resume) as folder:  # locked and checked before anything loads
+        return _train_online(config, folder, generator_factory)
+
+
+def _train_online(
+    config: TrainConfig, folder: rundir.RunFolder, generator_factory: Callable[[nn.Module, Any], Generator] | None
+) -> RunResult:
+    """The online loop in a claimed run folder: its start (step 0 or a checkpoint) is decided."""
+    alg = config.algorithm
+    assert isinstance(alg, OnlineAlgorithm)
     reward_fn = method_rewards(config)
     make_generator = generator_factory or default_generator(config)
     with distributed.main_first():  # an embedded model is converted once, by the first process
@@ -167,10 +175,7 @@ def run_online(
         reward_fn.check_columns(config.data.eval, eval_prompts)
 
     # 2. Output directory, policy, reference (only when beta > 0), generator.
-    output_dir = Path(config.output_dir)
-    prepare_output_dir(output_dir, resume)
-    last = resume_point(output_dir, resume)
-    distributed.barrier()  # every process has looked at output_dir before the first one writes to it
+    output_dir, last = folder.path, folder.checkpoint
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = distributed.device()
@@ -183,6 +188,9 @@ def run_online(
         return lora.apply_lora(model, config.lora) if config.lora is not None else model
 
     policy = start_policy(device)
+    # What the run trains on and from: kept in each checkpoint, compared on resume.
+    splits = {"train": prompts, "eval": eval_prompts}
+    fingerprints = rundir.fingerprints(policy, splits) if config.save_steps or last is not None else {}
     ref_model: nn.Module | None = None
     ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     if alg.beta > 0:
@@ -230,6 +238,7 @@ def run_online(
     if last is not None:  # the trained weights, the optimizers' and schedules' state, the RNG, the step
         state = checkpoint.load_state(last)
         check_resumable(state.get("config", {}), config.to_dict())
+        rundir.check_fingerprints(state.get("fingerprints"), fingerprints, config)
         if lora.is_lora(policy):
             lora.load_adapter_weights(policy, last)
         else:
@@ -283,7 +292,8 @@ def run_online(
         ]
         if plain is not None and distributed.is_main():
             extra = {"config": config.to_dict(), "summary": summary, "kl_coef": kl_coef, "optimizers": optimizers,
-                     "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
+                     "critic": plain_critic.state_dict() if plain_critic is not None else None,
+                     "fingerprints": fingerprints}  # fmt: skip
             checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra)
         distributed.barrier()
 
