@@ -3,6 +3,7 @@
     posttrain train CONFIG.yaml [--set KEY=VALUE ...] [--resume]     (a config with `stages:` is a pipeline)
     posttrain data validate FILE [--method dpo]
     posttrain recommend FILE [--split train]
+    posttrain report RUN_DIR [RUN_DIR ...] [-o FILE]                (an HTML page: curves, eval, samples, config)
     posttrain eval RUN_DIR_OR_CONFIG [--model PATH] [--data FILE] [--samples N] [--temperature T]
 
 Bad input (config or data) prints one line ``posttrain: error: ...`` naming the file, row and field, and
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.config import ConfigError
 from posttrain.data.formats import DataError
 from posttrain.pipeline import PipelineError, Stage
+from posttrain.report.runs import ReportError
 from posttrain.rewards.combine import RewardError
 from posttrain.training.checkpoint import WriteError
 
@@ -63,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--temperature", type=float, help="online runs: sampling temperature (default: the run's generation one)"
     )
+
+    report = sub.add_parser("report", help="an HTML page of one or more runs (several: curves overlaid)")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run, pipeline or iterative_dpo folder")
+    report.add_argument("-o", "--output", help="the HTML file (default: RUN_DIR/report.html; several: ./report.html)")
 
     recommend = sub.add_parser("recommend", help="suggest methods and a starting config for a data file")
     recommend.add_argument("file")
@@ -114,7 +120,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _print_run(result: RunResult) -> None:
+def report_hint(output_dir: Path) -> str:
+    """The line ``posttrain train`` ends with: how to see the run."""
+    from posttrain.report import REPORT_FILE
+
+    return f"report:  posttrain report {output_dir}   (then open {output_dir / REPORT_FILE} in a browser)"
+
+
+def _print_run(result: RunResult, hint: bool = True) -> None:
     from posttrain import distributed
 
     if not distributed.is_main():  # under torchrun, one process speaks for the run
@@ -124,6 +137,8 @@ def _print_run(result: RunResult) -> None:
     print(f"model:   {result.model_dir}")
     print(f"metrics: {result.metrics_path}")
     print(f"summary: {result.output_dir / 'summary.json'}")
+    if hint:
+        print(report_hint(result.output_dir))
 
 
 def _train_pipeline(config: str | Path | dict[str, Any], overrides: Sequence[str], resume: bool) -> int:
@@ -132,10 +147,11 @@ def _train_pipeline(config: str | Path | dict[str, Any], overrides: Sequence[str
 
     def on_stage(stage: Stage, result: RunResult) -> None:
         print(f"== stage {stage.name} ({stage.config.method}) ==")
-        _print_run(result)
+        _print_run(result, hint=False)
 
     results = run_pipeline(config, overrides=overrides, resume=resume, on_stage=on_stage)
     print(f"final model: {results[-1].model_dir}")
+    print(report_hint(results[-1].output_dir.parent))  # the pipeline's root: a section per stage
     return 0
 
 
@@ -166,13 +182,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures = evaluate_run(args.run, args.model, args.data, args.samples, args.temperature)
             print(json.dumps(figures, indent=2))
             return 0
+        if args.command == "report":
+            from posttrain.report import write_report
+
+            target = write_report(args.runs, args.output)
+            print(f"report: {target}   (open it in a browser: {target.resolve().as_uri()})")
+            return 0
         if args.command == "recommend":
             from posttrain.recommend import recommend
 
             print("\n".join(recommend(args.file, args.split)))
             return 0
         return _validate(args.file, args.method, args.split)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ReportError) as err:
         _error(err)
         return 2
     except PipelineError as err:  # a stage failed while running; its cause is chained for Python callers
