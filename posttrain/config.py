@@ -104,6 +104,10 @@ class ReferenceConfig:
     cache_dir: PathStr | None = None
     """Where ``cached`` stores log-probs; default ``$POSTTRAIN_CACHE/reference`` (~/.cache/posttrain)."""
 
+    def __post_init__(self) -> None:
+        blocker = None if self.cache_dir is None else _file_in_the_way(Path(self.cache_dir))
+        check(blocker is None, "reference.cache_dir", f"{self.cache_dir}: {blocker} is a file, not a folder")
+
 
 LoraSave = Literal["merged", "adapter"]
 
@@ -514,6 +518,20 @@ def read_yaml(path: Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}{at}") from err
+
+
+def check_models(config: TrainConfig) -> None:
+    """The model paths of a config that can be judged without loading them (a file, a folder without
+    config.json, a missing folder that cannot be a hub id either; :func:`posttrain.model.load.local_model_problem`):
+    checked when a run starts, before anything loads (not when a config is read: a pipeline's later stages start
+    from models that earlier stages write)."""
+    from posttrain.model.load import local_model_problem  # imported here: it imports the config module
+
+    critic = getattr(config.algorithm, "critic_model", None)
+    for key, name in (("model", config.model), ("reference.model", config.reference.model), ("critic_model", critic)):
+        problem = local_model_problem(name) if isinstance(name, str) else None
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
 
 
 def check_rewards(

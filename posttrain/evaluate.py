@@ -12,6 +12,7 @@ reward and length distributions of both, and KL(policy || reference) estimated o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from posttrain.config import ConfigError, TrainConfig, load
 from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import Renderer
-from posttrain.model.load import load_causal_lm, load_tokenizer, remote_code
+from posttrain.model.load import load_causal_lm, load_tokenizer, local_model_problem, remote_code
 from posttrain.rollout.compare import distribution, sampled_kl, win_rate
 from posttrain.rollout.generate import SamplingParams
 from posttrain.training.offline import evaluate
@@ -45,6 +46,8 @@ def _evaluate(
     config: TrainConfig, run_dir: Path | None, model: str | None, data: str | None, samples: int,
     temperature: float | None,
 ) -> dict[str, Any]:  # fmt: skip
+    if model is not None and local_model_problem(model):
+        raise ConfigError(f"--model: {local_model_problem(model)}")
     if model is None:
         model = str(run_dir / "model") if run_dir else config.model
     if not Path(model).exists() and run_dir:
@@ -76,8 +79,8 @@ def compare_generations(
         raise ConfigError(f"--samples: must be >= 1, got {samples}")
     gen = config.generation
     temp = gen.temperature if temperature is None else temperature
-    if temp < 0:
-        raise ConfigError(f"--temperature: must be >= 0, got {temp}")
+    if not (math.isfinite(temp) and temp >= 0):
+        raise ConfigError(f"--temperature: must be a finite number >= 0, got {temp}")
     reward_fn = method_rewards(config)
     tokenizer = load_tokenizer(model)
     renderer = Renderer(tokenizer, config.data.chat_template)

@@ -13,7 +13,7 @@ import yaml
 
 from posttrain.bundled import build
 from posttrain.cli import main
-from posttrain.fixtures import build_tokenizer
+from posttrain.fixtures import save_tiny
 
 BUNDLED_TRAIN = Path(build.__file__).resolve().parent / "prefs_train.jsonl"
 GOOD = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
@@ -168,7 +168,8 @@ def test_train_chat_template_true_without_one_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model = tmp_path / "base-model"
-    build_tokenizer(None).save_pretrained(model)  # the tokenizer is all that is read before the failure
+    save_tiny(model, chat_template=None)  # a base model: its tokenizer has no chat template
+    capsys.readouterr()  # (the save's progress bar)
     out_dir = tmp_path / "run"
     config = write_config(
         tmp_path / "c.yaml",

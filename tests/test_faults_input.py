@@ -8,6 +8,7 @@ they get shows that it was never read). Rewards: tests/test_faults_rewards.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,23 @@ from posttrain.config import ConfigError, from_dict, load
 from posttrain.model import load as model_load
 
 PAIRS = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(4)]
-UNREAD_MODEL = "/nonexistent/never-read-model"
+UNREAD_MODEL = "/nonexistent/never-read-model"  # refused after every other config check: those come first
 BAD_UTF8 = b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
 
 
 def fails(capsys: pytest.CaptureFixture[str], *argv: str, status: int = 2) -> str:
-    """Run the CLI; assert the exit status and one stderr line without a traceback; return its message."""
+    """Run the CLI; assert the exit status and one error line without a traceback; return its message. Once a
+    model loads, stderr holds progress bars too (transformers' "Loading weights"): the error is the one line
+    that is not one of them; refused before anything loads, stderr holds that line alone."""
     code = main(list(argv))
     _, err = capsys.readouterr()
     assert code == status, err
-    assert err.startswith("posttrain: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
-    return err.removeprefix("posttrain: error: ").rstrip("\n")
+    errors = [line for line in re.split(r"[\r\n]", err) if "posttrain: error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("posttrain: error: "), err
+    if "%|" not in err:  # no progress bar: nothing but the error
+        assert err == errors[0] + "\n", err
+    return errors[0].removeprefix("posttrain: error: ")
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -269,16 +275,66 @@ def tiny_copy(tmp_path: Path, tiny_model_dir: Path, name: str, skip: tuple[str, 
 
 
 def test_model_that_is_not_there(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found when the run starts, before anything loads, for each key that names a model."""
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
     for name in (str(tmp_path / "no-model"), "./models/none", "a/b/c"):
-        config = config_file(tmp_path, model=name, data={"train": str(write_jsonl(tmp_path / "p.jsonl", PAIRS))})
-        assert (
-            fails(capsys, "train", str(config)) == f"model: {name}: no such folder (and not a hub id, NAME or ORG/NAME)"
-        )
-    config = config_file(tmp_path, model=str(tmp_path / "p.jsonl"))
-    assert fails(capsys, "train", str(config)) == f"model: {tmp_path / 'p.jsonl'} is a file, not a model folder"
+        config = config_file(tmp_path, model=name)
+        expected = f"model: {name}: no such folder (and not a hub id, NAME or ORG/NAME)"
+        assert fails(capsys, "train", str(config)) == expected
+    config = config_file(tmp_path, model=str(data))
+    assert fails(capsys, "train", str(config)) == f"model: {data} is a file, not a model folder"
+    config = config_file(tmp_path, model="hub-org/model", reference={"model": str(tmp_path)})
+    assert (
+        fails(capsys, "train", str(config)) == f"reference.model: {tmp_path} holds no config.json (not a saved model)"
+    )
+    config = config_file(tmp_path, method="ppo", model="hub-org/model", critic_model="../critic")
+    assert fails(capsys, "train", str(config)) == (
+        "critic_model: ../critic: no such folder (and not a hub id, NAME or ORG/NAME)"
+    )
     config = config_file(tmp_path, model="embedded:nope")
     assert fails(capsys, "train", str(config)).startswith("model: unknown embedded model 'nope'; known: ")
     assert_nothing_written(tmp_path)
+
+
+def test_reference_cache_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "cache"
+    afile.write_text("x")
+    config = config_file(tmp_path, reference={"kind": "cached", "cache_dir": str(afile)})
+    assert fails(capsys, "train", str(config)) == (
+        f"{config}: reference.cache_dir: {afile}: {afile} is a file, not a folder"
+    )
+
+
+def test_weights_of_other_shapes_than_the_config(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_copy(tmp_path, tiny_model_dir, "resized")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    message = fails(capsys, "train", str(config_file(tmp_path, model=model)))
+    assert message == f"model: {model}: its weights do not have the shapes its config.json gives"
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_lora_target_modules_the_model_lacks(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("peft")
+    config = config_file(tmp_path, model=tiny_model_dir, lora={"target_modules": "nonexistent_proj"})
+    message = fails(capsys, "train", str(config))
+    assert message.startswith("lora.target_modules: Target modules {'nonexistent_proj'} not found in the base model")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_eval_with_bad_arguments(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = config_file(tmp_path, model=tiny_model_dir)
+    assert fails(capsys, "eval", str(config), "--model", str(tmp_path / "nothing")) == (
+        f"--model: {tmp_path / 'nothing'}: no such folder (and not a hub id, NAME or ORG/NAME)"
+    )
+    assert fails(capsys, "eval", str(config)) == "data.eval: the config has no eval data; pass --data FILE"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(BAD_UTF8)
+    assert fails(capsys, "eval", str(config), "--data", str(bad)).startswith(f"{bad}: row 2: not UTF-8 text")
 
 
 def test_model_folder_without_a_tokenizer(
@@ -375,6 +431,6 @@ def test_trust_remote_code_reaches_every_load(
 
 
 def test_trust_remote_code_is_read_from_the_config(tmp_path: Path) -> None:
-    config = config_file(tmp_path, trust_remote_code=True)
+    config = config_file(tmp_path, model="hub-org/model", trust_remote_code=True)
     assert load(config).trust_remote_code is True
-    assert load(config_file(tmp_path)).trust_remote_code is False
+    assert load(config_file(tmp_path, model="hub-org/model")).trust_remote_code is False

@@ -6,34 +6,19 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from test_faults_input import fails
 
-from posttrain.cli import main
 from posttrain.config import ConfigError, load
 from posttrain.rewards.combine import CombinedReward, RewardError, load_reward
 from posttrain.rewards.rules import NumericAnswer
 
 UNREAD_MODEL = "/nonexistent/never-read-model"  # a reward error first shows that no model was read
-
-
-def fails(capsys: pytest.CaptureFixture[str], *argv: str, status: int = 2) -> str:
-    """Run the CLI; assert the exit status and one error line without a traceback; return its message. A run
-    that fails while training has progress bars on stderr too: the error is the one line that is not one."""
-    code = main(list(argv))
-    _, err = capsys.readouterr()
-    assert code == status, err
-    assert "Traceback" not in err
-    errors = [line for line in re.split(r"[\r\n]", err) if "posttrain: error: " in line]
-    assert len(errors) == 1 and errors[0].startswith("posttrain: error: "), err
-    if status == 2:  # refused before anything runs: nothing else on stderr
-        assert err == errors[0] + "\n", err
-    return errors[0].removeprefix("posttrain: error: ")
 
 
 def prompts_file(folder: Path, rows: int = 4, **columns: Any) -> Path:
@@ -164,14 +149,15 @@ def test_module_function_resolves_from_the_config_folder_then_the_current_direct
     beside_config = user_module(tmp_path / "configs", source)
     in_cwd = user_module(tmp_path / "work", source)
     monkeypatch.chdir(tmp_path / "work")
-    config = grpo_config(tmp_path / "configs", [f"{beside_config}:reward", {"name": f"{in_cwd}:reward"}])
+    rewards = [f"{beside_config}:reward", {"name": f"{in_cwd}:reward"}]
+    config = grpo_config(tmp_path / "configs", rewards, model="hub-org/model")
     assert [r if isinstance(r, str) else r["name"] for r in load(config).rewards] == [
         f"{beside_config}:reward",
         f"{in_cwd}:reward",
     ]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    missing = grpo_config(elsewhere, ["not_here_either_xyz:reward"])
+    missing = grpo_config(elsewhere, ["not_here_either_xyz:reward"], model="hub-org/model")
     with pytest.raises(ConfigError, match=rf"cannot import 'not_here_either_xyz' .*looked in {elsewhere}, "):
         load(missing)
     # A file next to the config did not stay importable from everywhere: sys.path is as it was.

@@ -30,7 +30,7 @@ import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from posttrain.data.examples import Conversation, PreferenceExample
 
@@ -83,7 +83,7 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
             raise DataError(f"{source}: file not found")
         yield from _read_hub(source, split)
     elif suffix == ".jsonl":
-        with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named (-sig: a BOM, as Windows writes)
+        with _open(path, source) as f:  # bytes: a line that is not UTF-8 is named (-sig: a BOM, as Windows writes)
             for number, raw in enumerate(f, start=1):
                 line = decode(raw, source, "row", number)
                 if not line.strip():
@@ -94,7 +94,8 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
                     raise DataError(f"{source}: row {number}: not valid JSON ({err.msg})") from None
     elif suffix == ".json":
         try:
-            data = json.loads(decode(path.read_bytes(), source))
+            with _open(path, source) as f:
+                data = json.loads(decode(f.read(), source))
         except json.JSONDecodeError as err:
             raise DataError(f"{source}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(data, list):
@@ -110,7 +111,8 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
             raise DataError(f"{source}: not a readable parquet file ({str(err).splitlines()[0]})") from None
         yield from enumerate(table.to_pylist(), start=1)
     elif suffix == ".csv":
-        text = decode(path.read_bytes(), source)  # -sig: else a BOM renames the first column
+        with _open(path, source) as f:
+            text = decode(f.read(), source)  # -sig: else a BOM renames the first column
         try:
             for number, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
                 if None in row:  # DictReader's key for the cells beyond the header's
@@ -120,6 +122,13 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, Any]]:
             raise DataError(f"{source}: not valid CSV ({err})") from None
     else:
         raise DataError(f"{source}: unknown data format {suffix!r}; use .jsonl .json .parquet .csv or a dataset dir")
+
+
+def _open(path: Path, source: str) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as err:  # no permission, a broken mount ...
+        raise DataError(f"{source}: cannot be read ({err.strerror or err})") from None
 
 
 def _read_saved_dataset(path: Path, split: str) -> Iterator[tuple[int, Any]]:

@@ -131,6 +131,10 @@ def pretrained(auto_class: Any, name: str, key: str = "model", **kwargs: Any) ->
         raise
     except (OSError, ValueError, SafetensorError) as err:  # ValueError: transformers' word for a bad model
         raise _refused(err, name, key, "the tokenizer of " if tokenizer else "") from err
+    except RuntimeError as err:  # weights of other shapes than config.json says; anything else is no input error
+        if "mismatched_sizes" not in str(err) and "size mismatch" not in str(err):
+            raise
+        raise ConfigError(f"{key}: {name}: its weights do not have the shapes its config.json gives") from err
 
 
 @contextlib.contextmanager

@@ -113,7 +113,12 @@ def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM")
     config = peft.LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
     )
-    wrapped: nn.Module = peft.get_peft_model(model, config)
+    try:
+        wrapped: nn.Module = peft.get_peft_model(model, config)
+    except ValueError as err:  # peft's errors: no module of the model matches target_modules, one it cannot wrap
+        from posttrain.config import ConfigError
+
+        raise ConfigError(f"lora.target_modules: {str(err).splitlines()[0]}") from err
     return wrapped
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from posttrain import determinism, distributed
 from posttrain.algorithms import OnlineAlgorithm
 from posttrain.algorithms.online import IterativeDPO
-from posttrain.config import ConfigError, TrainConfig, load
+from posttrain.config import ConfigError, TrainConfig, check_models, load
 from posttrain.model import lora
 from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
@@ -159,6 +159,7 @@ def run(
     """Train one offline method end to end; what ``posttrain train`` runs."""
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
+    check_models(config)  # the model paths, before anything loads or is written
     determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     with remote_code(config.trust_remote_code):  # every model load of the run honours the key
         return _run(config, resume)
