@@ -26,6 +26,7 @@ from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
 from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
+from posttrain.report.card import write_card
 from posttrain.rollout.generate import Generator, Rollout, SamplingParams, shard_seed
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training import memory, rundir
@@ -167,4 +168,5 @@ def _rounds(
     summary.update(memory.peak_memory(device))  # over every round (peaks of the process)
     if distributed.is_main():
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_card(output_dir / "model", config, summary)  # the last round's card replaced by the run's
     return RunResult(output_dir, output_dir / "model", result.metrics_path, result.steps, summary)

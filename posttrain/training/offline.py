@@ -29,6 +29,7 @@ from posttrain.config import ConfigError, TrainConfig, check_models, load
 from posttrain.model import lora
 from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
+from posttrain.report.card import write_card
 from posttrain.training import checkpoint, memory, rundir
 from posttrain.training.metrics import MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
@@ -325,4 +326,5 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
     summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
     if distributed.is_main():
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_card(model_dir, config, summary)  # model/README.md, the model card
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)

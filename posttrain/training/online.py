@@ -35,6 +35,7 @@ from posttrain.model.load import evaluation_mode, freeze, load_causal_lm, load_t
 from posttrain.model.logps import TokenLogps
 from posttrain.model.spans import resolve_layout, span_attention
 from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
+from posttrain.report.card import write_card
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
@@ -475,5 +476,6 @@ def _train_online(
     summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
     if distributed.is_main():  # (the first process's figures)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_card(model_dir, config, summary)  # model/README.md, the model card
     distributed.barrier()
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)
