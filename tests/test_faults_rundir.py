@@ -207,6 +207,26 @@ def test_a_run_failed_before_its_first_checkpoint_restarts_in_place(
         (out / "run_state.json").write_text(json.dumps(failed))  # as it was, for the --resume round
 
 
+def test_an_error_during_a_restart_is_the_folder_s_new_story(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted run that then fails on input found late (a reward's ConfigError at the first step): the
+    folder says so (not the previous run's error), and stays restartable."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_state.json").write_text(json.dumps({"state": "failed", "error": "RuntimeError: old"}))
+    (out / "metrics.jsonl").write_text("")
+
+    def late(params: Any) -> None:
+        raise ConfigError("rewards[0] (x): returned None")
+
+    monkeypatch.setattr(distributed, "reduce_gradients", late)
+    with pytest.raises(ConfigError, match="returned None"):
+        posttrain.train(config(tiny_model_dir, pairs_file, out))
+    assert state_of(out)["state"] == "failed" and state_of(out)["error"] == "ConfigError: rewards[0] (x): returned None"
+    assert rundir.restartable(out) and not (out / "posttrain.lock").exists()
+
+
 @pytest.mark.parametrize(
     ("setup", "resume", "message"),
     [

@@ -47,10 +47,14 @@ from posttrain.training import checkpoint
 from posttrain.training.runlock import LOCK_FILE, Lock, alive, covered, log, read_json, write_json
 
 STATE_FILE = "run_state.json"
-OWN_NAMES = frozenset({"config.yaml", "metrics.jsonl", "summary.json", "model", "critic", "checkpoints"})
-"""What a run writes into its folder (and ``round-N/`` of iterative DPO); anything else is not posttrain's."""
+OWN_NAMES = frozenset(
+    {"config.yaml", "metrics.jsonl", "summary.json", "model", "critic", "checkpoints", "completions.jsonl",
+     "tensorboard", "report.html"}
+)  # fmt: skip
+"""What a run writes into its folder (and ``round-N/`` of iterative DPO; ``report.html``: `posttrain report`);
+anything else is not posttrain's."""
 ROUND = re.compile(r"round-\d+")
-TEMPORARY = re.compile(r"\.(model|critic)-.+|metrics\.tmp|\.posttrain\.lock\..+|\.run_state\.json\..+")
+TEMPORARY = re.compile(r"\.(model|critic)-.+|(metrics|completions)\.tmp|\.posttrain\.lock\..+|\.run_state\.json\..+")
 """Leftovers of writes a kill interrupted (``checkpoints/.step-*`` too): removed at the next start."""
 
 
@@ -255,7 +259,7 @@ def claim(path: Path, resume: bool) -> Iterator[RunFolder]:
         yield RunFolder(path, None if last is None else Path(last))
     except BaseException as err:
         if distributed.is_main():
-            _ended(path, err, held.get("previous"))
+            _ended(path, err, held.get("previous"), resumed=last is not None)
         raise
     else:
         if distributed.is_main():
@@ -269,11 +273,12 @@ def claim(path: Path, resume: bool) -> Iterator[RunFolder]:
                 path.rmdir()
 
 
-def _ended(path: Path, err: BaseException, previous: dict[str, Any] | None) -> None:
-    """The state a failed block leaves: the one before it for refused input, none when nothing was written,
-    else ``failed`` with the error's first line."""
+def _ended(path: Path, err: BaseException, previous: dict[str, Any] | None, resumed: bool) -> None:
+    """The state a failed block leaves: the one before it for input refused by a resume (a changed config or
+    data) or a finished run's, none when nothing was written, else ``failed`` with the error's first line."""
+    refused = isinstance(err, (ConfigError, DataError))
     with contextlib.suppress(OSError):
-        if isinstance(err, (ConfigError, DataError)) and previous is not None:
+        if refused and previous is not None and (resumed or previous.get("state") == "finished"):
             write_json(path / STATE_FILE, previous)
         elif not inspect(path).entries:
             (path / STATE_FILE).unlink(missing_ok=True)
