@@ -283,6 +283,9 @@ class TrainConfig:
         g = self.max_grad_norm
         check(g is None or g > 0, "max_grad_norm", f"must be > 0 or null, got {g}")
         check(self.logps_chunk_size >= 1, "logps_chunk_size", f"must be >= 1, got {self.logps_chunk_size}")
+        # Seeds of the data order and the samplers are derived from it by products (seed * 100_003 + epoch ...)
+        # that torch takes as 64-bit integers.
+        check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
         for name in ("eval_steps", "save_steps"):
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
@@ -423,6 +426,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     raw = dict(raw)
     method = raw.pop("method", None)
     check(method is not None, "method", f"is required; one of {', '.join(ALGORITHMS)}")
+    check(isinstance(method, str), "method", f"expected a string, one of {', '.join(ALGORITHMS)}; got {method!r}")
     check(
         method in ALGORITHMS,
         "method",

@@ -200,6 +200,18 @@ def test_a_reward_needing_a_missing_column(
     assert fails(capsys, "train", str(config)) == expected
 
 
+def test_a_column_value_the_reward_cannot_read(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = grpo_config(tmp_path, ["numeric_answer"], model=tiny_model_dir)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "What is 1 + 1?", "answer": a}) + "\n" for a in ("2", "two")))
+    assert fails(capsys, "train", str(config)) == (
+        f"{data}: row 2: field 'answer': holds no number: 'two' (read by reward 'numeric_answer')"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_column_missing_from_one_row(tmp_path: Path) -> None:
     from posttrain.data.formats import DataError
     from posttrain.data.prompts import PromptRecord

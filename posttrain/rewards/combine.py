@@ -67,8 +67,9 @@ class CombinedReward:
 
     def check_columns(self, source: str, prompts: Sequence[PromptRecord]) -> None:
         """Every data column a reward reads (:func:`~posttrain.rewards.specs.required_columns`) is in each of
-        the ``prompts`` read from ``source``: else a DataError naming the row, the reward and the column,
-        before anything samples.
+        the ``prompts`` read from ``source``, with a value the reward's ``check_column(name, value)`` (if it
+        has one) finds nothing wrong with: else a DataError naming the row, the reward and the column, before
+        anything samples.
 
         >>> from posttrain.data.prompts import PromptRecord
         >>> from posttrain.rewards.rules import NumericAnswer
@@ -87,6 +88,13 @@ class CombinedReward:
                     raise DataError(
                         f"{source}: row {lacking}: reward {name!r} needs the column {column!r} (columns: {seen})"
                     )
+                check = getattr(fn, "check_column", None)  # a reward may judge the values too
+                if not callable(check):
+                    continue
+                for p in prompts:
+                    problem = check(column, p.columns[column])
+                    if problem:
+                        raise DataError(f"{source}: row {p.row}: field {column!r}: {problem} (read by reward {name!r})")
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> RewardScores:
         n = len(prompts)

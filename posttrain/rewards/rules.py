@@ -8,6 +8,7 @@ columns it does not use. :mod:`posttrain.rewards.combine` names, loads and adds 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -77,13 +78,26 @@ class NumericAnswer:
         self.column, self.correct, self.wrong, self.tolerance = column, correct, wrong, tolerance
         self.required_columns = (column,)  # checked against the data before anything samples
 
+    def check_column(self, name: str, value: Any) -> str | None:
+        """What is wrong with a row's value of ``column`` (checked before anything samples), or None.
+
+        >>> NumericAnswer().check_column("answer", "two")
+        "holds no number: 'two'"
+        """
+        reference = float(value) if isinstance(value, (int, float)) else extract_number(str(value))
+        if reference is None or not math.isfinite(reference):
+            return f"holds no number: {str(value)[:80]!r}"
+        return None
+
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]) -> list[float]:
         references = _column(columns, self.column, len(completions), "NumericAnswer")
         scores = []
         for i, (completion, value) in enumerate(zip(completions, references, strict=True)):
+            problem = self.check_column(self.column, value)
+            if problem:
+                raise ValueError(f"sample {i}: column {self.column!r} {problem}")
             reference = float(value) if isinstance(value, (int, float)) else extract_number(str(value))
-            if reference is None:
-                raise ValueError(f"sample {i}: column {self.column!r} holds no number: {str(value)[:80]!r}")
+            assert reference is not None
             guess = extract_number(completion)
             hit = guess is not None and abs(guess - reference) <= self.tolerance
             scores.append(self.correct if hit else self.wrong)
