@@ -141,6 +141,22 @@ def test_custom_code_is_refused_without_a_prompt(
     assert not (tmp_path / "RAN").exists()
 
 
+def test_a_tokenizer_of_its_own_is_refused_too(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A known model type whose tokenizer is custom code: transformers refuses it (trust_remote_code=False is
+    passed, never left unset), and posttrain words that as one line naming the key."""
+    model = tiny_copy(tmp_path, tiny_model_dir, "custom-tokenizer")
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="MysteryTokenizer", auto_map={"AutoTokenizer": ["tok.MysteryTokenizer", None]})
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    (model / "tok.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('ran')\n")
+    config = config_file(tmp_path, model=model)
+    expected = f"model: {model} needs its own Python code; set trust_remote_code: true to run it"
+    assert fails(capsys, "train", str(config)) == expected
+    assert not (tmp_path / "RAN").exists()
+
+
 def test_trust_remote_code_reaches_every_load(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
