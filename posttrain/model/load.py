@@ -113,7 +113,7 @@ def _refused(err: Exception, name: str, key: str, what: str = "") -> ConfigError
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if "trust_remote_code" in str(err):
         return ConfigError(f"{key}: {name} needs its own Python code; set trust_remote_code: true to run it")
-    if type(err).__name__ == "SafetensorError":
+    if isinstance(err, SafetensorError):
         return ConfigError(f"{key}: {name}: a weights file cannot be read (truncated or corrupt?): {first}")
     elsewhere = "" if Path(name).expanduser().exists() or embedded.is_embedded(name) else " (no such local folder)"
     return ConfigError(f"{key}: cannot load {what}{name!r}{elsewhere}: {first}")

@@ -169,9 +169,10 @@ def _hints(cls: Any) -> dict[str, Any]:
 
 
 def check_specs(specs: Sequence[Any], folders: Sequence[Path] = (), models_to_come: Collection[str] = ()) -> None:
-    """Every entry of ``rewards`` resolved and checked, nothing built; the first mistake is a ConfigError
-    ``rewards[i] (NAME): ...``. ``folders``: where modules are looked for first (the config file's folder);
-    ``models_to_come``: model folders that earlier pipeline stages will write (a ``reward_model`` may name one).
+    """Every entry of ``rewards`` resolved and checked (the built-in rules built, to check their values;
+    nothing that loads a model, nor a user's class); the first mistake is a ConfigError ``rewards[i] (NAME):
+    ...``. ``folders``: where modules are looked for first (the config file's folder); ``models_to_come``:
+    model folders that earlier pipeline stages will write (a ``reward_model`` may name one).
     """
     from posttrain.model.load import local_model_problem
 
