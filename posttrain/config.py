@@ -11,6 +11,7 @@ Errors name the field, the allowed range and, for unknown keys, the nearest vali
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import math
@@ -509,9 +510,9 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a BOM, as Windows editors write
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         byte = data[err.start]

@@ -213,6 +213,7 @@ def run_on_data(
         ("d.jsonl", BAD_UTF8, "row 2: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"),
         ("d.csv", b"prompt,chosen,rejected\nq,a,b\ncaf\xe9,a,b\n", "line 3: not UTF-8 text (byte 0xe9 at column 4)"),
         ("d.json", b'[{"prompt": "q",\n "chosen": "\xff"}]', "line 2: not UTF-8 text (byte 0xff at column 13)"),
+        ("d.csv", b"\xef\xbb\xbfprompt,chosen,rejected\nq,a,\xfe\n", "line 2: not UTF-8 text (byte 0xfe at column 5)"),
         ("d.jsonl", b"", "no rows"),
         ("d.jsonl", b"\n  \n", "no rows"),
         ("d.json", b"[]", "no rows"),

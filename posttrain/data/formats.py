@@ -22,6 +22,7 @@ Any bad row raises :class:`DataError` with one line naming the file, the row and
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -61,8 +62,9 @@ def decode(data: bytes, source: str, unit: str = "line", first: int = 1) -> str:
     Traceback (most recent call last):
     posttrain.data.formats.DataError: d.jsonl: row 2: not UTF-8 text (byte 0xff at column 8); save the file as UTF-8
     """
+    data = data.removeprefix(codecs.BOM_UTF8)  # (not "utf-8-sig": its error offsets would miss the BOM's bytes)
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = first + data.count(b"\n", 0, err.start)
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
