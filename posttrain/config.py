@@ -255,6 +255,9 @@ class TrainConfig:
     save_steps: int | None = None
     """Save a resumable checkpoint every N steps (and always at the end)."""
     logging_steps: int = 1
+    report_to: tuple[str, ...] = ()
+    """Trackers that get every figure of metrics.jsonl at the same steps: ``tensorboard`` or ``module:Class``
+    (posttrain/tracking.py); checked here, opened by the run."""
     deterministic: bool = False
     """Deterministic kernels (``posttrain.determinism``): torch's deterministic algorithms, cuDNN deterministic
     and not benchmarking, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (refused when CUDA started without it). A run
@@ -291,6 +294,10 @@ class TrainConfig:
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        if self.report_to:
+            from posttrain.tracking import check_trackers  # (it imports this module)
+
+            check_trackers(self.report_to)
         d = self.deterministic
         check(isinstance(d, bool), "deterministic", f"expected true or false, got {d!r}")
         check(
@@ -324,6 +331,7 @@ class TrainConfig:
             out[f.name] = dataclasses.asdict(value) if is_section else value
         out["adam_betas"] = list(self.adam_betas)
         out["rewards"] = list(self.rewards)
+        out["report_to"] = list(self.report_to)
         out["generation"]["stop"] = list(self.generation.stop)
         return out
 

@@ -67,6 +67,7 @@ FULL: dict[str, Any] = {
     "eval_steps": 5,
     "save_steps": 10,
     "logging_steps": 2,
+    "report_to": ["posttrain.tracking:TensorBoardTracker"],
     "deterministic": True,
     "trust_remote_code": True,
 }

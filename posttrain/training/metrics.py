@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,12 @@ def summed(values: dict[str, float]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only), and hands its figures to the
+    run's trackers (``report_to``: :mod:`posttrain.tracking`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, trackers: Sequence[Any] = ()) -> None:
         self.path = path
+        self.trackers = list(trackers)
 
     def keep_until(self, step: int) -> None:
         """Drop lines after ``step`` (a resumed run rewrites them), atomically."""
@@ -71,6 +74,17 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.trackers:
+            from posttrain.tracking import numbers
+
+            for tracker in self.trackers:
+                tracker.log(numbers(clean), int(clean.get("step") or 0), str(clean.get("split", "train")))
+
+    def close(self) -> None:
+        """The run has ended: the trackers flush and finish."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _keep(record: dict[str, Any], step: int) -> bool:

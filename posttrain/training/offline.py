@@ -30,6 +30,7 @@ from posttrain.model import lora
 from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
 from posttrain.report.card import write_card
+from posttrain.tracking import open_trackers
 from posttrain.training import checkpoint, memory, rundir
 from posttrain.training.metrics import MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
@@ -237,7 +238,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         log(f"resumed from {last} at step {start}")
     if distributed.is_main():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    writer = MetricsWriter(output_dir / "metrics.jsonl")
+    writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
     resumable = {"config": config.to_dict(), "fingerprints": fingerprints}
@@ -327,4 +328,5 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
     if distributed.is_main():
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_card(model_dir, config, summary)  # model/README.md, the model card
+        writer.close()  # the trackers of report_to
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)

@@ -39,6 +39,7 @@ from posttrain.report.card import write_card
 from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
+from posttrain.tracking import open_trackers
 from posttrain.training import checkpoint, memory, rundir
 from posttrain.training.metrics import MetricsWriter, summed
 from posttrain.training.offline import (
@@ -271,7 +272,7 @@ def _train_online(
         log(f"resumed from {last} at step {start}")
     if distributed.is_main():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    writer = MetricsWriter(output_dir / "metrics.jsonl")
+    writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
 
@@ -477,5 +478,6 @@ def _train_online(
     if distributed.is_main():  # (the first process's figures)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_card(model_dir, config, summary)  # model/README.md, the model card
+        writer.close()  # the trackers of report_to
     distributed.barrier()
     return RunResult(output_dir, model_dir, output_dir / "metrics.jsonl", total, summary)
