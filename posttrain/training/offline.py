@@ -85,10 +85,12 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
 
 
-# Keys that may change between a run and its resumption: they decide only when to log, evaluate and save,
+# Keys that may change between a run and its resumption: they decide only when and where to log, evaluate and save,
 # how many processes share the work (checkpoints hold full, unsharded state: N processes resume on M) and
 # whether the kernels are the deterministic ones (the same maths, other rounding on a GPU).
-RESUME_MAY_CHANGE = frozenset({"eval_steps", "save_steps", "logging_steps", "distributed", "deterministic"})
+RESUME_MAY_CHANGE = frozenset(
+    {"eval_steps", "save_steps", "logging_steps", "distributed", "deterministic", "report_to"}
+)
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
