@@ -90,6 +90,23 @@ def tick_label(value: float, step: float) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+MAX_POINTS = 1000
+"""Points drawn per line at most: a longer run is drawn from every k-th point (and its last), so that a page
+of many charts stays a few MB whatever the number of steps."""
+
+
+def thin(points: list[tuple[float, float | None]], limit: int = MAX_POINTS) -> list[tuple[float, float | None]]:
+    """Every k-th point and the last one, at most about ``limit``; a missing value is always kept (a gap).
+
+    >>> len(thin([(float(i), 1.0) for i in range(10_000)])), thin([(0.0, 1.0), (1.0, 2.0)])
+    (1001, [(0.0, 1.0), (1.0, 2.0)])
+    """
+    if len(points) <= limit:
+        return points
+    k = math.ceil(len(points) / limit)
+    return [p for i, p in enumerate(points) if i % k == 0 or i == len(points) - 1 or p[1] is None]
+
+
 def _segments(points: list[tuple[float, float | None]]) -> list[list[tuple[float, float]]]:
     out: list[list[tuple[float, float]]] = [[]]
     for x, y in points:
@@ -134,7 +151,7 @@ def chart(title: str, lines: list[Line], note: str = "") -> str:
     parts.append(f'<text class="axis" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 4}" text-anchor="middle">step</text>')
     for line in lines:
         few = len(line.points) <= 40
-        for segment in _segments(line.points):
+        for segment in _segments(thin(line.points)):
             coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in segment)
             dash = "2 2" if line.markers else line.dash
             style = f' stroke-dasharray="{dash}"' if dash else ""
