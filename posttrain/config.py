@@ -237,6 +237,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
+    skip_nonfinite_steps: int = 0
+    """A NaN/inf loss or gradient norm stops the run at that step (0), or up to this many such steps have their
+    update skipped on the device (counted in the summary) before the next one stops it."""
     precision: Precision = "fp32"
     seed: int = 0
     logps_chunk_size: int = 1024
@@ -246,6 +249,10 @@ class TrainConfig:
     """How completions are laid out for scoring: ``padded`` (a row each), ``packed`` (one row per micro-batch,
     no padding, attention kept inside each sequence), ``shared_prefix`` (packed, a prompt shared by several
     completions computed once), ``auto`` (the fastest one the method and the model allow)."""
+    compile: Literal["auto", True, False] = "auto"
+    """``torch.compile`` the policy's decoder layers, attention outside the graph (posttrain/model/compiled.py):
+    ``true``, ``false``, or ``auto`` (off for now: it does not pay on a CPU, and awaits its GPU measurement).
+    Offline methods only."""
     span_attention: SpanKernel = "auto"
     """How the packed layouts' attention runs: ``loop`` (one causal call per sequence: the fastest on a CPU),
     ``mask`` (one call per layer: FlexAttention with a block mask on CUDA, a dense mask elsewhere), ``auto``
@@ -255,6 +262,9 @@ class TrainConfig:
     save_steps: int | None = None
     """Save a resumable checkpoint every N steps (and always at the end)."""
     logging_steps: int = 1
+    log_completions: int = 4
+    """Online methods: write this many samples of each step's rollout (prompt, completion, per-reward scores,
+    advantage) to ``completions.jsonl``; 0: none (posttrain/training/completions.py)."""
     report_to: tuple[str, ...] = ()
     """Trackers that get every figure of metrics.jsonl at the same steps: ``tensorboard`` or ``module:Class``
     (posttrain/tracking.py); checked here, opened by the run."""
@@ -286,6 +296,8 @@ class TrainConfig:
         check(self.adam_eps > 0, "adam_eps", f"must be > 0, got {self.adam_eps}")
         g = self.max_grad_norm
         check(g is None or g > 0, "max_grad_norm", f"must be > 0 or null, got {g}")
+        n = self.skip_nonfinite_steps
+        check(n >= 0, "skip_nonfinite_steps", f"must be >= 0, got {n}")
         check(self.logps_chunk_size >= 1, "logps_chunk_size", f"must be >= 1, got {self.logps_chunk_size}")
         # Seeds of the data order and the samplers are derived from it by products (seed * 100_003 + epoch ...)
         # that torch takes as 64-bit integers.
@@ -294,12 +306,19 @@ class TrainConfig:
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
+        check(self.log_completions >= 0, "log_completions", f"must be >= 0, got {self.log_completions}")
         if self.report_to:
             from posttrain.tracking import check_trackers  # (it imports this module)
 
             check_trackers(self.report_to)
         d = self.deterministic
         check(isinstance(d, bool), "deterministic", f"expected true or false, got {d!r}")
+        check(
+            self.compile is not True or self.algorithm.data_kind != "prompts",
+            "compile",
+            f"true is for the offline methods; {self.algorithm.name} samples with the same layers and a KV cache "
+            "of a new length every token, which would recompile them (use auto or false)",
+        )
         check(
             not (self.algorithm.needs_reference and self.reference.kind == "none"),
             "reference.kind",

@@ -342,14 +342,15 @@ def _all_reduce_bucket(grads: list[Tensor]) -> None:
         offset += g.numel()
 
 
-def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
-    """Clip the (already reduced) gradients to ``max_norm`` by their global norm; return that norm.
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip the (already reduced) gradients to ``max_norm`` by their global norm; return that norm, a scalar
+    tensor left on the device (read with the step's other figures: no synchronisation here).
 
     One process: ``torch.nn.utils.clip_grad_norm_``. Several: the same arithmetic, the norm of sharded
     gradients gathered over the ranks (replicated gradients are equal on every rank).
     """
     if not is_initialized():
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -359,13 +360,14 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
             norm = torch.nn.utils.get_total_norm(group)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not norms:
-        return 0.0
+        return torch.zeros((), device=device())
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # as clip_grad_norm_ computes it
-    with torch.no_grad():
-        for g in grads:
-            g.mul_(coef)
-    return float(total)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_ computes it
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    with torch.no_grad(), implicit_replication():  # the scalar multiplies DTensor shards as a replicated value
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.host import host_values
 from posttrain.model.lora import base_model
+from posttrain.model.masks import causal_padding_mask
 from posttrain.model.spans import SpanBatch, Spans, span_attention
 
 
@@ -176,7 +178,8 @@ def completion_logps(
         span_kernel: how span attention runs: ``auto``, ``loop`` or ``mask`` (:data:`posttrain.model.spans.
             SPAN_KERNELS`).
     """
-    if loss_mask[:, 0].any():
+    # Checked where it is free (a host tensor); on an accelerator it would cost a synchronisation per forward.
+    if loss_mask.device.type == "cpu" and any(host_values(loss_mask[:, 0])):
         raise ValueError("loss_mask[:, 0] must be False: the first token cannot be scored")
     decoder, head = backbone_and_head(model)
     scale, cap = _logit_transform(model.config)
@@ -191,7 +194,8 @@ def completion_logps(
     elif position_ids is not None:
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     else:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        mask = causal_padding_mask(model, attention_mask)
+        out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state  # (B, T, H)
     select = loss_mask[:, 1:].bool()  # (B, T-1): position t-1 predicts token t
     h = hidden[:, :-1][select]  # (N, H)

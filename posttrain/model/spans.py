@@ -61,6 +61,7 @@ def _take(x: Tensor, index: Tensor | tuple[int, int]) -> Tensor:
     return x.index_select(2, index.to(x.device))
 
 
+@torch.compiler.disable  # the spans are Python structures: kept out of any compiled graph (compiled.py)
 def span_attention_forward(
     module: nn.Module,
     query: Tensor,

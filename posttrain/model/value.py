@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from posttrain.model.load import load_reward_model
+from posttrain.model.masks import causal_padding_mask
 
 
 def _shift(head_values: Tensor, loss_mask: Tensor) -> Tensor:
@@ -39,7 +40,8 @@ class SeparateCritic(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
         model: Any = self.model
         trunk = getattr(model, model.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        mask = causal_padding_mask(model, attention_mask)  # (prepared: no device read)
+        hidden = trunk(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         head_values = model.score(hidden).squeeze(-1).float()  # (B, T)
         return _shift(head_values, loss_mask)
 

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from posttrain.host import host_values
+
 __all__ = [
     "adaptive_kl_coef", "explained_variance", "gae", "group_advantages", "ppo_token_rewards", "rloo_advantages",
     "tied_groups", "whiten",
@@ -118,10 +120,13 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
 
 
 def _check_one_run(valid: Tensor) -> None:
-    """GAE's episode is one contiguous run of valid tokens per row (prompt before it, padding after)."""
+    """GAE's episode is one contiguous run of valid tokens per row (prompt before it, padding after). Checked
+    where it is free (host tensors): on an accelerator it would cost a read per rollout."""
+    if valid.device.type != "cpu":
+        return
     starts = valid[:, :1].sum(-1) + (valid[:, 1:] & ~valid[:, :-1]).sum(-1)
-    if bool((starts > 1).any()):
-        rows = torch.nonzero(starts > 1).flatten().tolist()
+    if any(host_values(starts > 1)):
+        rows = [i for i, gap in enumerate(host_values(starts > 1)) if gap]
         raise ValueError(f"mask must be one contiguous run of valid tokens per row; rows {rows} have gaps")
 
 
@@ -184,8 +189,9 @@ def whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float 
         raise ValueError(f"values and mask must share a shape, got {tuple(values.shape)}, {tuple(mask.shape)}")
     valid = mask.to(torch.bool)
     count = valid.sum()
-    if int(count) < 2:
-        raise ValueError(f"whiten needs at least 2 valid entries, got {int(count)}")
+    # Checked where it is free (host tensors); a caller on an accelerator checks its host-side count first.
+    if valid.device.type == "cpu" and host_values(count) < 2:
+        raise ValueError(f"whiten needs at least 2 valid entries, got {host_values(count)}")
     mean = torch.where(valid, values, 0.0).sum() / count
     var = torch.where(valid, values - mean, 0.0).pow(2).sum() / (count - 1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
@@ -219,20 +225,28 @@ def ppo_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> 
     return rewards
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """``1 - Var[R - V] / Var[R]`` over the valid tokens: 1 when the critic predicts the returns, 0 when it
     does no better than their mean, negative when worse (the PPO diagnostic of OpenAI Baselines). Below,
     R = (1, 2, 3, 5) has unbiased variance 8.75 / 3 and R - V = (0, 0, 0, 1) has 0.75 / 3: 1 - 0.75 / 8.75.
+    NaN with fewer than 2 valid tokens or constant returns. A 0-dim float64 tensor on the inputs' device
+    (no read: the loop reads it with the step's other figures).
 
     >>> mask = torch.ones(1, 4, dtype=torch.bool)
-    >>> explained_variance(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1.0, 2.0, 3.0, 5.0]]), mask)
+    >>> float(explained_variance(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1.0, 2.0, 3.0, 5.0]]), mask))
     0.9142857142857143
     """
     valid = mask.to(torch.bool)
-    r, v = returns[valid].double(), values[valid].double()
-    if r.numel() < 2 or float(r.var()) == 0.0:
-        return float("nan")
-    return float(1.0 - (r - v).var() / r.var())
+    r, v = returns.double(), values.double()
+    count = valid.sum()
+
+    def variance(x: Tensor) -> Tensor:  # unbiased, over the valid entries
+        mean = torch.where(valid, x, 0.0).sum() / count.clamp(min=1)
+        return torch.where(valid, x - mean, 0.0).pow(2).sum() / (count - 1).clamp(min=1)
+
+    var_r = variance(r)
+    ratio = 1.0 - variance(r - v) / torch.where(var_r == 0, 1.0, var_r)
+    return torch.where((count < 2) | (var_r == 0), torch.full_like(ratio, float("nan")), ratio)
 
 
 def adaptive_kl_coef(beta: float, kl: float, target: float, gain: float = 0.1) -> float:

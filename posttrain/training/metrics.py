@@ -13,12 +13,16 @@ from torch import Tensor
 
 from posttrain import distributed
 
+TOKENS = "_tokens"
+"""The name under which the loops sum the step's tokens (``per="total"``: not divided by a count)."""
+
 
 class MetricSums:
     """Sums of per-example (or per-token) metrics over the micro-batches and processes of one step.
 
     ``mean(counts)`` divides each sum by the global count of its unit (``examples`` unless ``add`` says
-    ``per="tokens"``): micro-batching and sharding give the same figures as one big batch.
+    ``per="tokens"``; ``per="total"`` is a plain sum): micro-batching and sharding give the same figures as one
+    big batch.
     """
 
     def __init__(self) -> None:
@@ -30,25 +34,36 @@ class MetricSums:
         self._pending[name] = self._pending[name] + value if name in self._pending else value
         self._per[name] = per
 
-    def mean(self, counts: Any) -> dict[str, float]:
-        """``counts`` has ``of(unit) -> int`` (a :class:`~posttrain.training.task.Counts`)."""
+    def mean(self, counts: Any = None, extra: dict[str, Tensor] | None = None) -> dict[str, float]:
+        """``counts`` has ``of(unit) -> int`` (a :class:`~posttrain.training.task.Counts`; None when every
+        figure was added ``per="total"``).
+
+        ``extra``: scalars that are already global (the gradient norm, a non-finite flag), read in the same
+        transfer and returned as they are. The sums and ``extra`` reach the host in ONE device-to-host read:
+        the one read of an optimizer step (tests/test_syncs.py).
+        """
         per = self._per
         if distributed.is_initialized():  # a process whose share added nothing still sums the same names
             per = {k: v for shown in distributed.all_gather_objects(self._per) for k, v in shown.items()}
         names = sorted(per)
-        if not names:
+        device = distributed.device()
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        parts = []
+        if names:
+            sums = torch.stack([self._pending.get(n, zero).to(device) for n in names])
+            parts.append(distributed.all_reduce_sum(sums))
+        extra = extra or {}
+        if extra:
+            scalars = [v.detach().to(device=device, dtype=torch.float64).reshape(()) for v in extra.values()]
+            parts.append(torch.stack(scalars))
+        if not parts:
             return {}
-        zero = torch.zeros((), dtype=torch.float64, device=distributed.device())
-        stacked = distributed.all_reduce_sum(torch.stack([self._pending.get(n, zero).to(zero.device) for n in names]))
-        return {n: float(v) / max(1, counts.of(per[n])) for n, v in zip(names, stacked.tolist(), strict=True)}
-
-
-def summed(values: dict[str, float]) -> dict[str, float]:
-    """Per-step sums kept as Python floats, added over the processes (a name some process lacks counts 0)."""
-    if not distributed.is_initialized():
-        return dict(values)
-    names = sorted({k for shown in distributed.all_gather_objects(sorted(values)) for k in shown})
-    return dict(zip(names, distributed.sum_floats([values.get(n, 0.0) for n in names]), strict=True))
+        values = torch.cat(parts).tolist()  # the one read
+        figures = {
+            n: v if per[n] == "total" else v / max(1, counts.of(per[n])) for n, v in zip(names, values, strict=False)
+        }
+        figures.update(zip(extra, values[len(names) :], strict=True))
+        return figures
 
 
 class MetricsWriter:

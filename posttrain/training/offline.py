@@ -26,13 +26,15 @@ from posttrain import determinism, distributed
 from posttrain.algorithms import OnlineAlgorithm
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig, check_models, load
-from posttrain.model import lora
+from posttrain.host import host_values
+from posttrain.model import compiled, lora
 from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
 from posttrain.report.card import write_card
 from posttrain.tracking import open_trackers
 from posttrain.training import checkpoint, memory, rundir
-from posttrain.training.metrics import MetricSums, MetricsWriter
+from posttrain.training.guard import NonFiniteGuard
+from posttrain.training.metrics import TOKENS, MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.task import OfflineTask
 from posttrain.training.tasks import task_for
@@ -82,14 +84,14 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     per_epoch = n // batch_size
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[offset * batch_size : (offset + 1) * batch_size].tolist()
+    return host_values(order[offset * batch_size : (offset + 1) * batch_size])
 
 
 # Keys that may change between a run and its resumption: they decide only when and where to log, evaluate and save,
 # how many processes share the work (checkpoints hold full, unsharded state: N processes resume on M) and
 # whether the kernels are the deterministic ones (the same maths, other rounding on a GPU).
 RESUME_MAY_CHANGE = frozenset(
-    {"eval_steps", "save_steps", "logging_steps", "distributed", "deterministic", "report_to"}
+    {"eval_steps", "save_steps", "logging_steps", "distributed", "deterministic", "report_to", "log_completions"}
 )
 
 
@@ -164,12 +166,12 @@ def run(
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
     check_models(config)  # the model paths, before anything loads or is written
-    determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     with remote_code(config.trust_remote_code):  # every model load of the run honours the key
         return _run(config, resume)
 
 
 def _run(config: TrainConfig, resume: bool) -> RunResult:
+    determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
     lora.check_quantization(config)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
     check_processes(config)
@@ -222,6 +224,11 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         policy.load_state_dict(task.load_model(str(last)).state_dict())
     # Several processes: a replica per process (ddp) or shards of it (fsdp2); after the reference copy.
     policy = distributed.prepare(policy, config.distributed.strategy)
+    if compiled.wanted(config.compile, device):  # the decoder layers; attention stays outside the graph
+        try:
+            compiled.compile_layers(policy)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     # 3. Optimizer and schedule; a resumed run restores them with the RNG and the step.
     per_epoch = len(records) // config.batch_size
@@ -277,6 +284,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         total=total, initial=start, desc=config.method, dynamic_ncols=True, disable=not distributed.is_main()
     )
     params = [p for p in policy.parameters() if p.requires_grad]
+    guard = NonFiniteGuard([optimizer], config.skip_nonfinite_steps, config.lr)
     policy.train()
     peaks = memory.peak_memory(device)  # read again at each logging step (no device sync: allocator counters)
     started = time.perf_counter()
@@ -287,22 +295,27 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         mine = step_records[distributed.shard(len(step_records))]  # this process's share of the global batch
         context = task.step_context(policy, step_records, "train")  # each process scores its share inside
         sums = MetricSums()
-        tokens = 0
         for mb_start in range(0, len(mine), micro):
             batch = task.collate(mine[mb_start : mb_start + micro])
-            tokens += int(batch.attention_mask.sum())
+            sums.add(TOKENS, batch.attention_mask, per="total")  # a host tensor: read with the figures
             # Span layouts: gradient checkpointing recomputes attention in backward, under the same switch.
             with span_attention(policy, on=getattr(batch, "spans", None) is not None):
                 task.loss(policy, batch, "train", counts, sums, context).backward()
         distributed.reduce_gradients(params)  # the processes' shares summed: the whole batch's gradient
         grad_norm = distributed.clip_grad_norm(params, config.max_grad_norm or math.inf)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if guard.before_step(grad_norm):  # a non-finite update is skipped on the device when allowed
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens = int(distributed.sum_floats([tokens])[0])
+        # The step's one device-to-host read: every figure, the token count and the gradient norm at once.
+        figures = task.finish_figures(sums.mean(counts, extra={"grad_norm": grad_norm}))
+        tokens, norm = figures.pop(TOKENS), figures.pop("grad_norm")
+        skipped = guard.check(step + 1, figures["loss"], norm)  # a NaN/inf stops the run here, before any save
+        if guard.saturated(norm):
+            log(f"warning: step {step + 1}: the gradient norm is exactly 0 (a saturated model? learning_rate "
+                f"{config.lr:g} may be far too high)")  # fmt: skip
         elapsed = time.perf_counter() - t0
-        figures = task.finish_figures(sums.mean(counts))
         progress.update(1)
         shown = {"loss": f"{figures['loss']:.4f}"}
         if "accuracy" in figures:
@@ -311,14 +324,15 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         if (step + 1) % config.logging_steps == 0 or step + 1 == total:
             peaks = memory.peak_memory(device)
             writer.write({"split": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, **figures, **peaks,
-                          "grad_norm": float(grad_norm), "lr": lr, "tokens_per_s": tokens / elapsed,
-                          "step_time_s": elapsed})  # fmt: skip
+                          "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / elapsed,
+                          "step_time_s": elapsed, **({"skipped": True} if skipped else {})})  # fmt: skip
         if eval_records and config.eval_steps and (step + 1) % config.eval_steps == 0 and step + 1 < total:
             run_eval(step + 1)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
             save(step + 1)
     progress.close()
     summary["train_time_s"] = round(time.perf_counter() - started, 1)  # the optimizer steps of this process
+    summary["skipped_steps"] = guard.skipped
 
     # 6. Evaluation after training, the final model (and with save_steps the end state too: resuming a
     # finished run is a no-op, not a retrain), the summary.

@@ -28,6 +28,7 @@ from posttrain.algorithms.online import GRPO, PPO, RLOO, OnlineAlgorithm
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import Renderer
+from posttrain.host import host_values
 from posttrain.losses import aggregate
 from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_clip, rloo_loss
 from posttrain.model import lora
@@ -41,7 +42,9 @@ from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rlo
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
 from posttrain.tracking import open_trackers
 from posttrain.training import checkpoint, memory, rundir
-from posttrain.training.metrics import MetricsWriter, summed
+from posttrain.training.completions import CompletionsLog
+from posttrain.training.guard import NonFiniteGuard
+from posttrain.training.metrics import MetricSums, MetricsWriter
 from posttrain.training.offline import (
     RunResult,
     batch_indices,
@@ -273,6 +276,7 @@ def _train_online(
     if distributed.is_main():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
+    samples_log = CompletionsLog(output_dir / "completions.jsonl", config.log_completions, tokenizer, start)
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
 
@@ -316,6 +320,7 @@ def _train_online(
     params_trained = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     shared = isinstance(critic, SharedCritic)
+    guard = NonFiniteGuard([opt for opt, _ in steppers], config.skip_nonfinite_steps, config.lr)
 
     def draw(batch: list[Any], seed: int) -> Samples:
         return sample_all(generator, reward_fn, batch, n, params, seed, tokenizer.pad_token_id, mask_truncated)
@@ -327,7 +332,7 @@ def _train_online(
         # Each process samples its share of the prompts (whole groups); all of them get the whole rollout.
         with distributed.full_weights(policy):  # fsdp2: the weights gathered once for every decoding step
             s = draw(batch, draw_seed)
-            tied_share = float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
+            tied_share = host_values(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
             resampled = 0
             if isinstance(alg, GRPO) and alg.dynamic_sampling:
                 s, resampled = refill_informative(s, draw, prompts, config.batch_size, n, alg.max_resample,
@@ -358,26 +363,29 @@ def _train_online(
         if isinstance(alg, RLOO):
             kl = torch.zeros_like(s.rewards)
             if ref is not None and old is not None:  # the KL penalty folded into the reward (k1, summed)
-                kl = kl_k1(policy_logps=old, ref_logps=ref).sum(-1).double().cpu()
-            advantages = rloo_advantages(s.rewards - alg.beta * kl, n)
+                kl = kl_k1(policy_logps=old, ref_logps=ref).sum(-1).double()  # (on the device)
+            advantages = rloo_advantages(s.rewards.to(kl.device) - alg.beta * kl, n)
         elif isinstance(alg, PPO):
             assert old is not None and old_values is not None
-            targets = ppo_targets(alg, kl_coef, s.rewards.to(device), old, ref, old_values, s.loss_mask.to(device))
+            targets = ppo_targets(alg, kl_coef, s.rewards.to(device), old, ref, old_values, s.loss_mask.to(device),
+                                  tokens=host_values(s.loss_mask.sum()))  # fmt: skip
         else:
             assert isinstance(alg, GRPO)
             advantages = group_advantages(s.rewards, n, scale=alg.scale_rewards)
-        sums: dict[str, float] = {}
+        # Figures stay on the device through the passes and are read once, after them (tests/test_syncs.py).
+        on_device = MetricSums()
         done = 0
         for k in range(passes):
-            approx_kl, pass_tokens = 0.0, 0.0
+            approx_kl, pass_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
             # PPO shuffles the rollout into minibatches, one optimizer step each; the others take it whole.
             # The shuffle has a generator of its own, seeded by (step, pass): every process draws the same
             # one, whatever the forwards before it consumed of the global RNG (dropout).
             shuffle = torch.Generator().manual_seed(draw_seed * 1009 + k)
             order = torch.randperm(len(s.rewards), generator=shuffle) if minibatches > 1 else everything
             for j, mb in enumerate(order.tensor_split(minibatches)):
-                mb_mask = s.loss_mask[mb]  # counts of the whole minibatch: each process trains on its share
-                counts = {"tokens": int(mb_mask.sum()), "sequences": int((mb_mask.sum(-1) > 0).sum())}
+                mb_tokens = host_values(s.loss_mask[mb].sum(-1))  # the rollout is on the host
+                # counts of the whole minibatch: each process trains on its share
+                counts = {"tokens": sum(mb_tokens), "sequences": sum(1 for t in mb_tokens if t > 0)}
                 share = mb[distributed.shard(len(mb))].split(micro)
                 for r, real in distributed.lockstep(share, policy, filler=everything[:1]):
                     # The entropy is measured on the first minibatch of the first pass (every process's share).
@@ -398,42 +406,59 @@ def _train_online(
                         (loss if real else loss * 0.0).backward()  # (a filler's backward: zero gradients)
                     if not real:
                         continue
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    on_device.add("loss", loss, per="total")
                     for name, value in metrics.items():
-                        sums[name] = sums.get(name, 0.0) + float(value.sum())
-                    approx_kl += float(metrics["approx_kl_sum"].sum()) if "approx_kl_sum" in metrics else 0.0
-                    pass_tokens += float(cur.mask.sum())
+                        on_device.add(name, value, per="total")
+                    if "approx_kl_sum" in metrics:
+                        approx_kl = approx_kl + metrics["approx_kl_sum"].detach().sum()
+                    pass_tokens = pass_tokens + cur.mask.sum()
                     if cur.entropy is not None:
-                        sums["entropy_sum"] = sums.get("entropy_sum", 0.0) + float(
-                            (cur.entropy.detach() * cur.mask).sum()
-                        )
-                        sums["entropy_tokens"] = sums.get("entropy_tokens", 0.0) + float(cur.mask.sum())
+                        on_device.add("entropy_sum", cur.entropy * cur.mask, per="total")
+                        on_device.add("entropy_tokens", cur.mask, per="total")
                 distributed.reduce_gradients(params_trained + critic_params)  # the shares summed
                 grad_norm = distributed.clip_grad_norm(params_trained, config.max_grad_norm or math.inf)
                 lr = scheduler.get_last_lr()[0]
                 if critic_params:
                     distributed.clip_grad_norm(critic_params, config.max_grad_norm or math.inf)
+                run_update = guard.before_step(grad_norm)  # a non-finite update is skipped on the device
                 for opt, sched in steppers:
-                    opt.step()
+                    if run_update:
+                        opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
             done += 1
-            approx_kl, pass_tokens = distributed.sum_floats([approx_kl, pass_tokens])  # every process decides alike
-            if isinstance(alg, PPO) and alg.target_kl is not None and approx_kl / max(1, pass_tokens) > alg.target_kl:
-                break  # the policy has moved far enough from the one that sampled: stop this rollout's epochs
-        sums = summed(sums)  # over the processes' shares
+            if isinstance(alg, PPO) and alg.target_kl is not None:  # a read per pass, for this option only
+                moved, moved_tokens = distributed.sum_floats([float(approx_kl), float(pass_tokens)])
+                if moved / max(1, moved_tokens) > alg.target_kl:
+                    break  # the policy has moved far enough from the one that sampled: stop this rollout's epochs
+        # The one read of the training passes: the figures summed over micro-batches and processes, the norm,
+        # the rollout-level figures computed on the device.
+        extra = {"grad_norm": grad_norm}
+        if isinstance(alg, RLOO) and ref is not None:  # KL to the reference per completion (k1, summed)
+            extra["kl_ref"] = kl.mean()
+        if isinstance(alg, PPO) and targets is not None:
+            extra.update(ppo_figures(targets, s.loss_mask.to(device)))
+        extra.update(samples_log.on_device(targets.advantages if targets is not None else advantages, s.loss_mask))
+        sums = on_device.mean(extra=extra)  # (every figure added per="total")
+        norm = sums.pop("grad_norm")
+        rollout_figures = {name: sums.pop(name) for name in list(extra)[1:]}
+        samples_log.write(step + 1, s, batch, rollout_figures)  # (takes its rows' advantages out of the figures)
         for name in list(sums):  # per pass, as one pass over the rollout would report
             if name not in ("entropy_sum", "entropy_tokens"):
                 sums[name] /= done
-        tokens = max(1, int(s.loss_mask.sum()))
+        skipped = guard.check(step + 1, sums["loss"], norm)  # a NaN/inf stops the run here, before any save
+        tokens = max(1, host_values(s.loss_mask.sum()))
+        rewards = s.rewards.double()  # the rollout's figures: host tensors
         figures = {
-            "loss": sums["loss"], "reward": float(s.rewards.mean()), "reward_std": float(s.rewards.std()),
-            **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()},
+            "loss": sums["loss"], "reward": host_values(rewards.mean()), "reward_std": host_values(rewards.std()),
+            **{f"reward/{k}": host_values(v.double().mean()) for k, v in s.per_reward.items()},
             "tied_groups": tied_share, "resampled": resampled, "groups": len(s.rewards) // n,
-            "tied_groups_trained": float(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0,
-            "completion_length": float(s.lengths.mean()), "truncated": float(s.truncated.double().mean()),
-            "grad_norm": float(grad_norm), "lr": lr, "step_time_s": time.perf_counter() - t0,
+            "tied_groups_trained": host_values(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0,
+            "completion_length": host_values(s.lengths.double().mean()),
+            "truncated": host_values(s.truncated.double().mean()),
+            "grad_norm": norm, "lr": lr, "step_time_s": time.perf_counter() - t0,
             "sample_time_s": t_sampled - t0, "score_time_s": t_scored - t_sampled,
+            **({"skipped": True} if skipped else {}), **rollout_figures,
         }  # fmt: skip
         if "clipped_low_tokens" in sums:
             figures["clip_low"] = sums["clipped_low_tokens"] / tokens
@@ -443,10 +468,8 @@ def _train_online(
             figures["kl"] = sums["kl_sum"] / tokens
         if "entropy_sum" in sums:
             figures["entropy"] = sums["entropy_sum"] / max(1.0, sums["entropy_tokens"])
-        if isinstance(alg, RLOO) and ref is not None:  # KL to the reference per completion (k1, summed)
-            figures["kl_ref"] = float(kl.mean())
         if isinstance(alg, PPO) and targets is not None:
-            figures.update(ppo_figures(targets, s.loss_mask.to(device), kl_coef))
+            figures["beta"] = kl_coef
             figures.update(value_loss=sums["value_loss"], policy_loss=sums["policy_loss"], epochs=done,
                            value_clip_frac=sums["value_clipped_tokens"] / tokens)  # fmt: skip
             if alg.adaptive_kl:
@@ -474,6 +497,7 @@ def _train_online(
         save(total, (plain, plain_critic))
     del plain, plain_critic
     summary["train_time_s"] = round(time.perf_counter() - started, 1)
+    summary["skipped_steps"] = guard.skipped
     summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
     if distributed.is_main():  # (the first process's figures)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -42,16 +42,24 @@ def critic_values(critic: nn.Module, s_ids: Tensor, s_att: Tensor, s_mask: Tenso
 
 
 def ppo_targets(
-    alg: PPO, beta: float, scores: Tensor, old_logps: Tensor, ref_logps: Tensor | None, old_values: Tensor, mask: Tensor
+    alg: PPO,
+    beta: float,
+    scores: Tensor,
+    old_logps: Tensor,
+    ref_logps: Tensor | None,
+    old_values: Tensor,
+    mask: Tensor,
+    tokens: int | None = None,
 ) -> PPOTargets:
     """Steps of the rollout, before any update: rewards r_t = score on the last token - beta * k1_t, GAE
-    (gamma, lam) on the old values, returns = advantages + old values, advantages whitened over the batch."""
+    (gamma, lam) on the old values, returns = advantages + old values, advantages whitened over the batch.
+    ``tokens``: the number of completion tokens, counted on the host (else read from ``mask``)."""
     mask = mask.to(torch.bool)
     kl = kl_k1(policy_logps=old_logps, ref_logps=ref_logps) if ref_logps is not None else torch.zeros_like(old_logps)
     kl = torch.where(mask, kl, 0.0).double()
     rewards = ppo_token_rewards(scores.double(), kl, mask, beta)
     advantages, returns = gae(rewards, old_values.double(), mask, gamma=alg.gamma, lam=alg.lam)
-    if alg.whiten_advantages and int(mask.sum()) >= 2:
+    if alg.whiten_advantages and (int(mask.sum()) if tokens is None else tokens) >= 2:
         advantages = whiten(advantages, mask)
     return PPOTargets(advantages, returns, old_values.double(), kl, -beta * kl.sum(-1))
 
@@ -77,12 +85,13 @@ def ppo_loss(
     return policy + alg.vf_coef * value.to(policy.dtype), metrics
 
 
-def ppo_figures(t: PPOTargets, mask: Tensor, beta: float) -> dict[str, float]:
-    """Rollout-level PPO metrics: KL to the reference, the non-score reward, the critic's explained variance."""
+def ppo_figures(t: PPOTargets, mask: Tensor) -> dict[str, Tensor]:
+    """Rollout-level PPO metrics, 0-dim tensors left on the device (read with the step's figures): KL to the
+    reference, the non-score reward, the critic's explained variance, its mean value on completion tokens."""
+    valid = mask.bool()
     return {
-        "kl_ref": float(t.kl.sum(-1).mean()),
-        "non_score_reward": float(t.non_score_reward.mean()),
+        "kl_ref": t.kl.sum(-1).mean(),
+        "non_score_reward": t.non_score_reward.mean(),
         "explained_variance": explained_variance(t.old_values, t.returns, mask),
-        "value_mean": float(t.old_values[mask.bool()].mean()) if bool(mask.any()) else 0.0,
-        "beta": beta,
+        "value_mean": torch.where(valid, t.old_values, 0.0).sum() / valid.sum().clamp(min=1),
     }

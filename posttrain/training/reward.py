@@ -20,6 +20,7 @@ from posttrain.data.examples import PreferenceRecord
 from posttrain.data.tokenize import Renderer, TruncationStats
 from posttrain.losses import aggregate
 from posttrain.model.load import add_distinct_pad, load_reward_model
+from posttrain.model.masks import causal_padding_mask
 from posttrain.training.metrics import MetricSums
 from posttrain.training.pairs import load_pair_records, pair_counts
 from posttrain.training.task import Counts, OfflineTask
@@ -99,9 +100,8 @@ class RewardTask(OfflineTask[PreferenceRecord, RewardBatch]):
         the last token that is not the pad token, exactly as plain transformers does after loading."""
         device = next(model.parameters()).device
         with self.autocast():
-            out = model(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-            )
+            mask = causal_padding_mask(model, batch.attention_mask.to(device))  # (prepared: no device read)
+            out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
         logits = out.logits.squeeze(-1)  # (2B,)
         rewards = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         n = batch.num_pairs

@@ -19,6 +19,7 @@ from posttrain import distributed
 from posttrain.config import TrainConfig
 from posttrain.data.collate import pack_units, pad_completions
 from posttrain.data.prompts import PromptRecord, repeat_columns
+from posttrain.host import host_values
 from posttrain.model.load import autocast
 from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.rewards.combine import CombinedReward
@@ -78,10 +79,12 @@ class Scorer:
         units: list[tuple[list[int], list[list[int]]]] = []
         owners: list[list[int]] = []  # the rows of each unit's completions
         columns: list[range] = []  # each row's completion columns (right-padded rows)
+        ends, sizes, rows_ids = (host_values(attention_mask.sum(-1)), host_values(completion),
+                                 host_values(input_ids))  # the rollout lives on the host  # fmt: skip
         for i in range(input_ids.shape[0]):
-            end = int(attention_mask[i].sum())
-            columns.append(range(end - int(completion[i]), end))
-            prompt, tokens = input_ids[i, : columns[i].start].tolist(), input_ids[i, columns[i].start : end].tolist()
+            end = ends[i]
+            columns.append(range(end - sizes[i], end))
+            prompt, tokens = rows_ids[i][: columns[i].start], rows_ids[i][columns[i].start : end]
             if self.layout == "shared_prefix" and units and units[-1][0] == prompt:
                 units[-1][1].append(tokens)
                 owners[-1].append(i)
