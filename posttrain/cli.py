@@ -26,6 +26,7 @@ from posttrain.pipeline import PipelineError, Stage
 from posttrain.report.runs import ReportError
 from posttrain.rewards.combine import RewardError
 from posttrain.training.checkpoint import WriteError
+from posttrain.training.guard import NonFiniteError
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -204,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(err)
         return 1
     except WriteError as err:  # a model or checkpoint not written after the retries (a full disk, say)
+        _error(err)
+        return 1
+    except NonFiniteError as err:  # training diverged: the step, the figure, the likely cause; nothing saved after
         _error(err)
         return 1
 

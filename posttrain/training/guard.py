@@ -43,7 +43,7 @@ class NonFiniteGuard:
         if not self.skips_allowed:
             return True
         if self.on_device:
-            found_inf = (~torch.isfinite(grad_norm)).float().reshape(1)
+            found_inf = (~torch.isfinite(grad_norm)).float().reshape(())
             for opt in self.optimizers:
                 opt.found_inf = found_inf  # type: ignore[attr-defined]
             return True
