@@ -319,11 +319,8 @@ class TrainConfig:
             f"true is for the offline methods; {self.algorithm.name} samples with the same layers and a KV cache "
             "of a new length every token, which would recompile them (use auto or false)",
         )
-        check(
-            not (self.algorithm.needs_reference and self.reference.kind == "none"),
-            "reference.kind",
-            f"method {self.algorithm.name!r} needs a reference: copy or cached, got none",
-        )
+        refusal = self.algorithm.reference_refusal(self.reference.kind)
+        check(refusal is None, "reference.kind", refusal or "")
 
     @property
     def method(self) -> str:
@@ -336,7 +333,9 @@ class TrainConfig:
 
     @property
     def uses_reference(self) -> bool:
-        return self.algorithm.needs_reference and self.reference.kind != "none"
+        """Whether the run scores a reference: DPO-style methods unless ``kind: none``; GRPO, RLOO and PPO
+        when ``beta > 0`` (their KL term)."""
+        return self.algorithm.uses_reference(self.reference.kind)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat YAML form (method hyperparameters at the top level); ``from_dict`` round-trips it."""

@@ -353,6 +353,32 @@ def test_uses_reference() -> None:
     assert not load(raw(method="orpo")).uses_reference
 
 
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "dapo", "rloo", "ppo"])
+def test_online_reference_keys_that_would_do_nothing_are_refused(method: str) -> None:
+    """The reference of GRPO, RLOO and PPO scores the run's own samples when beta > 0: ``cached`` (computed
+    before the run, from samples that do not exist yet) and ``none`` with a KL term are refused in one line;
+    ``none`` with beta 0 and the default ``copy`` are accepted, and beta alone says whether one is loaded."""
+    online = raw(method=method, data={"train": "prompts.jsonl"})
+    assert error({**online, "beta": 0.1, "reference": {"kind": "cached"}}) == (
+        f"reference.kind: cached is for offline data; {method} scores the reference on its own samples, which "
+        "do not exist before the run (use copy)"
+    )
+    assert error({**online, "beta": 0.0, "reference": "none"}, ("reference.kind=cached",)).startswith(
+        "reference.kind: cached is for offline data"
+    )
+    assert error({**online, "beta": 0.1}, ("reference=none",)) == (
+        "reference.kind: none, but beta is 0.1: the KL term needs a reference (use copy, or set beta: 0)"
+    )
+    assert load({**online, "beta": 0.1}).uses_reference
+    assert not load({**online, "beta": 0.0}).uses_reference
+    assert not load({**online, "beta": 0.0, "reference": "none"}).uses_reference
+
+
+def test_iterative_dpo_keeps_cached_for_its_rounds() -> None:
+    online = raw(method="iterative_dpo", data={"train": "prompts.jsonl"})
+    assert load({**online, "reference": {"kind": "cached"}}).reference.kind == "cached"
+
+
 def test_data_defaults() -> None:
     data = load(raw(data={"train": "t.jsonl"})).data
     assert data == DataConfig(train="t.jsonl")

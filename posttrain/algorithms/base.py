@@ -16,3 +16,13 @@ class Algorithm:
     needs_reference: ClassVar[bool]
     """Whether the loss uses reference log-probs (a frozen model or the on-disk cache)."""
     default_learning_rate: ClassVar[float] = 5e-7
+
+    def uses_reference(self, kind: str) -> bool:
+        """Whether a run with ``reference.kind: kind`` scores a reference (the config's ``uses_reference``)."""
+        return self.needs_reference and kind != "none"
+
+    def reference_refusal(self, kind: str) -> str | None:
+        """Why ``reference.kind: kind`` is an error for this method (a key that would do nothing), or None."""
+        if self.needs_reference and kind == "none":
+            return f"method {self.name!r} needs a reference: copy or cached, got none"
+        return None

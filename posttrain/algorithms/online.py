@@ -26,7 +26,7 @@ class OnlineAlgorithm(Algorithm):
     """Trains on prompts (with columns for the rewards); ``batch_size`` counts prompts per step."""
 
     data_kind: ClassVar[str] = "prompts"
-    needs_reference: ClassVar[bool] = False  # a KL term loads its own reference when beta > 0
+    needs_reference: ClassVar[bool] = False  # a KL term loads its own reference when beta > 0 (uses_reference)
     default_learning_rate: ClassVar[float] = 1e-6
     num_generations: int = 8
     beta: float = 0.04
@@ -34,6 +34,27 @@ class OnlineAlgorithm(Algorithm):
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "num_generations", f"must be >= 2 (a group), got {self.num_generations}")
         _check(self.beta >= 0, "beta", f"must be >= 0 (0 loads no reference), got {self.beta}")
+
+    reference_scores_samples: ClassVar[bool] = True
+    """The reference scores the run's own samples (a KL term, loaded when beta > 0): ``reference.kind`` is
+    ``copy``, or ``none`` with beta 0; never ``cached``, as the samples do not exist before the run."""
+
+    def uses_reference(self, kind: str) -> bool:
+        if self.reference_scores_samples:
+            return self.beta > 0  # (kind is copy: reference_refusal)
+        return super().uses_reference(kind)
+
+    def reference_refusal(self, kind: str) -> str | None:
+        if not self.reference_scores_samples:
+            return super().reference_refusal(kind)
+        if kind == "cached":
+            return (
+                f"cached is for offline data; {self.name} scores the reference on its own samples, which do not "
+                "exist before the run (use copy)"
+            )
+        if kind == "none" and self.beta > 0:
+            return f"none, but beta is {self.beta}: the KL term needs a reference (use copy, or set beta: 0)"
+        return None
 
     def extra_rewards(self, generation: GenerationConfig) -> list[dict[str, Any]]:
         """Reward terms the method adds to the configured ones (DAPO: its soft overlong punishment)."""
@@ -210,6 +231,7 @@ class IterativeDPO(OnlineAlgorithm):
 
     name: ClassVar[str] = "iterative_dpo"
     default_learning_rate: ClassVar[float] = 5e-7
+    reference_scores_samples: ClassVar[bool] = False  # each round's DPO run: copy or cached, as offline
     num_generations: int = 4
     beta: float = 0.1
     rounds: int = 2

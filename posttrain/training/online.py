@@ -179,7 +179,7 @@ def _train_online(
     if config.data.eval:
         reward_fn.check_columns(config.data.eval, eval_prompts)
 
-    # 2. Output directory, policy, reference (only when beta > 0), generator.
+    # 2. Output directory, policy, reference (config.uses_reference: beta > 0), generator.
     output_dir, last = folder.path, folder.checkpoint
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -198,7 +198,7 @@ def _train_online(
     fingerprints = rundir.fingerprints(policy, splits) if config.save_steps or last is not None else {}
     ref_model: nn.Module | None = None
     ref_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-    if alg.beta > 0:
+    if config.uses_reference:  # beta > 0 (reference.kind is copy: checked when the config was read)
         if lora.is_lora(policy):
             ref_model, ref_context = policy, lora.adapters_off(policy)
         elif config.reference.model:
