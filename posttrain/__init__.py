@@ -21,7 +21,7 @@ def train(config: str | Any | TrainConfig, overrides: tuple[str, ...] = (), resu
     A config with ``stages:`` is a pipeline (:func:`posttrain.pipeline.run_pipeline`, which returns every
     stage's result): this returns the last stage's."""
     from posttrain.pipeline import is_pipeline, run_pipeline
-    from posttrain.training.offline import run
+    from posttrain.training.dispatch import run
 
     if is_pipeline(config):
         return run_pipeline(config, overrides=overrides, resume=resume)[-1]

@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             from posttrain.pipeline import is_pipeline
-            from posttrain.training.offline import run
+            from posttrain.training.dispatch import run
 
             if is_pipeline(args.config):
                 return _train_pipeline(args.config, args.overrides, args.resume)

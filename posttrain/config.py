@@ -13,35 +13,16 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import difflib
-import math
-import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from posttrain.algorithms import ALGORITHMS, Algorithm, hyperparameter_owners
-
-
-class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or out of range; the message names the field."""
-
-
-def check(condition: bool, name: str, message: str) -> None:
-    """Raise ``ConfigError("name: message")`` unless ``condition``; used by every ``__post_init__``."""
-    if not condition:
-        raise ConfigError(f"{name}: {message}")
-
-
-EXPAND_USER = "a path: a leading ~ is the home folder"
-PathStr = Annotated[str, EXPAND_USER]
-"""A string naming a file or folder (a model, data, an output folder): read from YAML with ``~`` expanded,
-as a shell would have (``output_dir: ~/runs/x`` is in the home folder, not in a folder named ``~``)."""
+from posttrain.errors import ConfigError, check  # (re-exported: posttrain.config.ConfigError is public)
+from posttrain.fields import PathStr, build, nearest
 
 
 @dataclass(frozen=True)
@@ -365,87 +346,6 @@ def _file_in_the_way(folder: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------- loading
 
 
-# PyYAML (YAML 1.1) reads a number with an exponent but no dot, such as 5e-7, as a string.
-_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
-
-
-def _nearest(name: object, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for tuples."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, name)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: expected {_describe(hint)}, got {value!r}")
-    if origin is Literal:
-        check(value in args, name, f"must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if hint is Any:
-        return value
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
-    if origin is tuple:
-        check(isinstance(value, (list, tuple)) and len(value) == len(args), name, f"expected {len(args)} values")
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if hint is bool:
-        check(isinstance(value, bool), name, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
-        return value
-    if origin is Annotated:  # a str marked as a path: ~ expanded
-        value = _coerce(value, args[0], name)
-        return os.path.expanduser(value) if EXPAND_USER in args[1:] and isinstance(value, str) else value
-    if hint is float:
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        check(ok, name, f"expected a number, got {value!r}")
-        # Every float key at once, the newest included: .inf / -.inf / .nan (or 1e999) are never a setting.
-        check(math.isfinite(value), name, f"must be a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        check(isinstance(value, str), name, f"expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        check(isinstance(value, dict), name, f"expected a mapping, got {value!r}")
-        return _build(hint, value, prefix=f"{name}.")  # type: ignore[arg-type]
-    raise TypeError(f"unsupported config type {hint!r} for {name}")
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args) + " or null"
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "", **given: Any) -> Any:
-    """Construct dataclass ``cls`` from ``raw``, checking every key; ``given`` fields are passed as is."""
-    hints = typing.get_type_hints(cls, include_extras=True)  # extras: the PathStr marker
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in given}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key{_nearest(key, fields)}")
-    kwargs = dict(given)
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], prefix + name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: is required")
-    return cls(**kwargs)
-
-
 def from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig` from the flat YAML mapping."""
     if not isinstance(raw, dict):
@@ -457,7 +357,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     check(
         method in ALGORITHMS,
         "method",
-        f"unknown method {method!r}{_nearest(str(method), ALGORITHMS)}; one of {', '.join(ALGORITHMS)}",
+        f"unknown method {method!r}{nearest(str(method), ALGORITHMS)}; one of {', '.join(ALGORITHMS)}",
     )
     algo_cls = ALGORITHMS[method]
     owners = hyperparameter_owners()
@@ -471,12 +371,12 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     top = {f.name for f in dataclasses.fields(TrainConfig)} - {"algorithm"}
     for key in raw:  # checked here so that the nearest name may be one of the method's hyperparameters
         if key not in top:
-            raise ConfigError(f"{key}: unknown key{_nearest(key, top | own)}")
+            raise ConfigError(f"{key}: unknown key{nearest(key, top | own)}")
     reference = raw.get("reference")
     if isinstance(reference, str):  # `reference: none` is shorthand for {kind: none}
         raw["reference"] = {"kind": reference}
-    algorithm = _build(algo_cls, algo_raw)
-    return typing.cast(TrainConfig, _build(TrainConfig, raw, algorithm=algorithm))
+    algorithm = build(algo_cls, algo_raw)
+    return typing.cast(TrainConfig, build(TrainConfig, raw, algorithm=algorithm))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -23,7 +23,7 @@ import os
 import torch
 from torch import Tensor
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 CUBLAS_VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the two values torch accepts; the first one is set

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -383,7 +383,8 @@ def unsharded(model: nn.Module, rebuild: Callable[[], nn.Module]) -> nn.Module |
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from posttrain.model.load import empty_weights, fill_skeleton
+    from posttrain.model.load import empty_weights
+    from posttrain.model.skeleton import fill_skeleton
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -46,6 +45,7 @@ from posttrain.algorithms import ALGORITHMS, hyperparameter_owners
 from posttrain.config import ConfigError, TrainConfig, apply_overrides, check_rewards, from_dict, read_yaml
 from posttrain.data.formats import DataError
 from posttrain.data.kinds import load_examples
+from posttrain.fields import nearest
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -130,11 +130,6 @@ def is_pipeline(source: object) -> typing.TypeGuard[str | Path | dict[str, Any]]
         return False
 
 
-def _nearest(name: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _section(key: str, value: Any) -> Any:
     """``reference: none`` is shorthand for ``{kind: none}``; normalised so that it merges as a section."""
     return {"kind": value} if key == "reference" and isinstance(value, str) else value
@@ -203,7 +198,7 @@ def _stages(raw: dict[str, Any], overrides: Sequence[str], folders: Sequence[Pat
     shared = {k: v for k, v in raw.items() if k not in PIPELINE_KEYS}
     for key in shared:
         if key not in run_keys and key not in owners:
-            raise ConfigError(f"{key}: unknown key{_nearest(key, run_keys | set(owners) | set(PIPELINE_KEYS))}")
+            raise ConfigError(f"{key}: unknown key{nearest(key, run_keys | set(owners) | set(PIPELINE_KEYS))}")
     root = raw.get("output_dir")
     if not isinstance(root, str) or not root:
         raise ConfigError("output_dir: is required (the pipeline's root: stage NAME writes to output_dir/NAME)")
@@ -386,7 +381,7 @@ def _run_stages(
 ) -> list[RunResult]:
     from tqdm import tqdm
 
-    from posttrain.training.offline import run
+    from posttrain.training.dispatch import run
 
     stages = validate(source, overrides, resume)
     # Each stage's run sets its own determinism switches; a deterministic stage needs cuBLAS's setting before

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from posttrain.config import TrainConfig

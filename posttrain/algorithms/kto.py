@@ -14,14 +14,8 @@ from torch import Tensor
 
 from posttrain import losses
 from posttrain.algorithms.base import Algorithm
+from posttrain.errors import check
 from posttrain.losses import LossOutput
-
-
-def _check(condition: bool, name: str, message: str) -> None:
-    # Imported lazily: config imports this package, not the other way round.
-    from posttrain.config import check
-
-    check(condition, name, message)
 
 
 @dataclass(frozen=True)
@@ -42,10 +36,10 @@ class KTO(Algorithm):
     undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
-            _check(value > 0, name, f"must be > 0, got {value}")
+            check(value > 0, name, f"must be > 0, got {value}")
 
     def loss(self, policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_baseline: Tensor) -> LossOutput:
         return losses.kto(

@@ -10,15 +10,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from posttrain.algorithms.base import Algorithm
+from posttrain.errors import check
 
 if TYPE_CHECKING:
     from posttrain.config import GenerationConfig
-
-
-def _check(condition: bool, name: str, message: str) -> None:
-    from posttrain.config import check  # lazily: config imports this package
-
-    check(condition, name, message)
 
 
 @dataclass(frozen=True)
@@ -32,8 +27,8 @@ class OnlineAlgorithm(Algorithm):
     beta: float = 0.04
 
     def __post_init__(self) -> None:
-        _check(self.num_generations >= 2, "num_generations", f"must be >= 2 (a group), got {self.num_generations}")
-        _check(self.beta >= 0, "beta", f"must be >= 0 (0 loads no reference), got {self.beta}")
+        check(self.num_generations >= 2, "num_generations", f"must be >= 2 (a group), got {self.num_generations}")
+        check(self.beta >= 0, "beta", f"must be >= 0 (0 loads no reference), got {self.beta}")
 
     reference_scores_samples: ClassVar[bool] = True
     """The reference scores the run's own samples (a KL term, loaded when beta > 0): ``reference.kind`` is
@@ -92,10 +87,10 @@ class GRPO(OnlineAlgorithm):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.max_resample >= 0, "max_resample", f"must be >= 0, got {self.max_resample}")
-        _check(0 < self.epsilon_low < 1, "epsilon_low", f"must be in (0, 1), got {self.epsilon_low}")
-        _check(self.epsilon_high > 0, "epsilon_high", f"must be > 0, got {self.epsilon_high}")
-        _check(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
+        check(self.max_resample >= 0, "max_resample", f"must be >= 0, got {self.max_resample}")
+        check(0 < self.epsilon_low < 1, "epsilon_low", f"must be in (0, 1), got {self.epsilon_low}")
+        check(self.epsilon_high > 0, "epsilon_high", f"must be > 0, got {self.epsilon_high}")
+        check(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
 
 
 @dataclass(frozen=True)
@@ -132,8 +127,8 @@ class DAPO(GRPO):
     def __post_init__(self) -> None:
         super().__post_init__()
         buf = self.overlong_buffer
-        _check(buf is None or buf >= 0, "overlong_buffer", f"must be >= 0 or null, got {buf}")
-        _check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
+        check(buf is None or buf >= 0, "overlong_buffer", f"must be >= 0 or null, got {buf}")
+        check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
 
     def extra_rewards(self, generation: GenerationConfig) -> list[dict[str, Any]]:
         cache = generation.max_new_tokens // 5 if self.overlong_buffer is None else self.overlong_buffer
@@ -199,22 +194,22 @@ class PPO(OnlineAlgorithm):
     """The critic's learning rate; null = the policy's."""
 
     def __post_init__(self) -> None:
-        _check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
-        _check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
-        _check(self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
-        _check(self.kl_gain >= 0, "kl_gain", f"must be >= 0, got {self.kl_gain}")
-        _check(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
-        _check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
-        _check(0 < self.epsilon < 1, "epsilon", f"must be in (0, 1), got {self.epsilon}")
-        _check(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
-        _check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
-        _check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
-        _check(self.num_mini_batches >= 1, "num_mini_batches", f"must be >= 1, got {self.num_mini_batches}")
+        check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
+        check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        check(self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
+        check(self.kl_gain >= 0, "kl_gain", f"must be >= 0, got {self.kl_gain}")
+        check(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        check(0 < self.epsilon < 1, "epsilon", f"must be in (0, 1), got {self.epsilon}")
+        check(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
+        check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
+        check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        check(self.num_mini_batches >= 1, "num_mini_batches", f"must be >= 1, got {self.num_mini_batches}")
         tk = self.target_kl
-        _check(tk is None or tk > 0, "target_kl", f"must be > 0 or null, got {tk}")
+        check(tk is None or tk > 0, "target_kl", f"must be > 0 or null, got {tk}")
         clr = self.critic_learning_rate
-        _check(clr is None or clr > 0, "critic_learning_rate", f"must be > 0 or null, got {clr}")
-        _check(
+        check(clr is None or clr > 0, "critic_learning_rate", f"must be > 0 or null, got {clr}")
+        check(
             not (self.share_trunk and self.critic_model),
             "critic_model",
             "must be null with share_trunk: true (the value head sits on the policy)",
@@ -244,11 +239,11 @@ class IterativeDPO(OnlineAlgorithm):
     """Prompts sampled each round, drawn afresh per round from the training prompts; None = all of them."""
 
     def __post_init__(self) -> None:
-        _check(self.num_generations >= 2, "num_generations", f"must be >= 2, got {self.num_generations}")
-        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
-        _check(self.tie_threshold >= 0, "tie_threshold", f"must be >= 0, got {self.tie_threshold}")
+        check(self.num_generations >= 2, "num_generations", f"must be >= 2, got {self.num_generations}")
+        check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        check(self.tie_threshold >= 0, "tie_threshold", f"must be >= 0, got {self.tie_threshold}")
         spr = self.steps_per_round
-        _check(spr is None or spr >= 1, "steps_per_round", f"must be >= 1 or null, got {spr}")
+        check(spr is None or spr >= 1, "steps_per_round", f"must be >= 1 or null, got {spr}")
         ppr = self.prompts_per_round
-        _check(ppr is None or ppr >= 1, "prompts_per_round", f"must be >= 1 or null, got {ppr}")
+        check(ppr is None or ppr >= 1, "prompts_per_round", f"must be >= 1 or null, got {ppr}")

@@ -15,19 +15,13 @@ from typing import Any, ClassVar
 
 from posttrain import losses
 from posttrain.algorithms.base import Algorithm
+from posttrain.errors import check
 from posttrain.losses import LossOutput
 from posttrain.model.logps import PairLogps
 
 
-def _check(condition: bool, name: str, message: str) -> None:
-    # Imported lazily: config imports this package, not the other way round.
-    from posttrain.config import check
-
-    check(condition, name, message)
-
-
 def _check_beta(beta: float) -> None:
-    _check(beta > 0, "beta", f"must be > 0, got {beta}")
+    check(beta > 0, "beta", f"must be > 0, got {beta}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class DPO(PreferenceAlgorithm):
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)
-        _check(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
+        check(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +88,7 @@ class CDPO(PreferenceAlgorithm):
     def __post_init__(self) -> None:
         _check_beta(self.beta)
         eps = self.label_smoothing
-        _check(0 <= eps <= 0.5, "label_smoothing", f"must be in [0, 0.5], got {eps}")
+        check(0 <= eps <= 0.5, "label_smoothing", f"must be in [0, 0.5], got {eps}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +101,7 @@ class RobustDPO(PreferenceAlgorithm):
     def __post_init__(self) -> None:
         _check_beta(self.beta)
         eps = self.label_smoothing
-        _check(0 <= eps < 0.5, "label_smoothing", f"must be in [0, 0.5), got {eps}")
+        check(0 <= eps < 0.5, "label_smoothing", f"must be in [0, 0.5), got {eps}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +125,7 @@ class SimPO(PreferenceAlgorithm):
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)
-        _check(self.gamma >= 0, "gamma", f"must be >= 0, got {self.gamma}")
+        check(self.gamma >= 0, "gamma", f"must be >= 0, got {self.gamma}")
 
 
 @dataclass(frozen=True)
@@ -143,4 +137,4 @@ class ORPO(PreferenceAlgorithm):
     orpo_lambda: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(self.orpo_lambda >= 0, "orpo_lambda", f"must be >= 0, got {self.orpo_lambda}")
+        check(self.orpo_lambda >= 0, "orpo_lambda", f"must be >= 0, got {self.orpo_lambda}")

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from posttrain import losses
 from posttrain.algorithms.base import Algorithm
-from posttrain.algorithms.preference import _check
+from posttrain.errors import check
 from posttrain.losses import LossOutput
 
 
@@ -31,7 +31,7 @@ class RewardModel(Algorithm):
     center_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
+        check(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
 
     def loss(self, chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> LossOutput:
         return losses.bradley_terry(

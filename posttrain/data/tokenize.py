@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.config import ConfigError
 from posttrain.data.examples import Conversation, PreferenceExample, PreferenceRecord
 from posttrain.data.formats import DataError
+from posttrain.errors import ConfigError
 
 
 @dataclass

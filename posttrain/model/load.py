@@ -7,7 +7,7 @@ import contextvars
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,10 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 from posttrain.model import embedded
 from posttrain.model.lora import exact_4bit_kernels
+from posttrain.model.skeleton import fill_skeleton  # noqa: F401 - (re-exported)
 
 _EMPTY = contextvars.ContextVar("posttrain_empty_weights", default=False)
 _TRUSTED = contextvars.ContextVar("posttrain_trust_remote_code", default=False)
@@ -155,23 +156,6 @@ def _skeleton(auto_class: Any, name: str, **config_kwargs: Any) -> Any:
     config = pretrained(AutoConfig, name, **config_kwargs)
     with torch.device("meta"):
         return auto_class.from_config(config, dtype=torch.float32)
-
-
-def fill_skeleton(
-    skeleton: nn.Module, state: Mapping[str, Any], buffer: Callable[[str, str], torch.Tensor]
-) -> nn.Module:
-    """Give a meta-device ``skeleton`` its tensors: ``state`` assigned as it is (no copy), the buffers the
-    state dict leaves out (non-persistent ones: rotary frequencies) from ``buffer(owner, name)``, and tied
-    embeddings tied again (one tensor, whatever copies made ``state``). Returns ``skeleton``."""
-    skeleton.load_state_dict(state, assign=True)
-    for key, value in list(skeleton.named_buffers()):
-        if value.is_meta:
-            owner, _, name = key.rpartition(".")
-            setattr(skeleton.get_submodule(owner), name, buffer(owner, name))
-    tie = getattr(skeleton, "tie_weights", None)
-    if callable(tie):
-        tie()
-    return skeleton
 
 
 def load_tokenizer(name: str, key: str = "model") -> Any:

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from posttrain.errors import ConfigError
+from posttrain.model.skeleton import fill_skeleton
+
 if TYPE_CHECKING:  # (imported lazily: posttrain.model.logps and spans import this module, and config them)
     from posttrain.config import LoraConfig, TrainConfig
 
@@ -26,8 +29,6 @@ def _peft() -> Any:
     try:
         import peft
     except ImportError as err:
-        from posttrain.config import ConfigError
-
         raise ConfigError("lora: needs the peft package: pip install 'posttrain[lora]'") from err
     return peft
 
@@ -39,8 +40,6 @@ def check_quantization(config: TrainConfig) -> None:
     if lora is None or not lora.load_in_4bit:
         return
     import importlib.util
-
-    from posttrain.config import ConfigError
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("lora.load_in_4bit: QLoRA needs the bitsandbytes package: pip install 'posttrain[qlora]'")
@@ -116,8 +115,6 @@ def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM")
     try:
         wrapped: nn.Module = peft.get_peft_model(model, config)
     except ValueError as err:  # peft's errors: no module of the model matches target_modules, one it cannot wrap
-        from posttrain.config import ConfigError
-
         raise ConfigError(f"lora.target_modules: {str(err).splitlines()[0]}") from err
     return wrapped
 
@@ -171,8 +168,6 @@ def merged(model: nn.Module) -> nn.Module:
         plain: nn.Module = type(inner)._from_config(config, dtype=torch.float32)  # type: ignore[attr-defined]
     if getattr(inner, "generation_config", None) is not None:  # sampling defaults, extra EOS ids
         plain.generation_config = copy.deepcopy(inner.generation_config)
-    from posttrain.model.load import fill_skeleton  # (load imports this module)
-
     state = {key: _merged_tensor(inner, key) for key in plain.state_dict()}
     fill_skeleton(plain, state, lambda owner, name: _plain(_source(inner, owner).get_buffer(name)))
     return plain.eval().requires_grad_(False)

@@ -25,7 +25,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError, _coerce, _nearest
+from posttrain.errors import ConfigError
+from posttrain.fields import coerce, nearest
 
 BUILTIN_REWARDS = {
     "numeric_answer": "posttrain.rewards.rules:NumericAnswer",
@@ -77,14 +78,14 @@ def resolve(name: str, folders: Sequence[Path] = ()) -> Any:
     if not module_name or not attrs:
         known = ", ".join(sorted(BUILTIN_REWARDS))
         raise ValueError(
-            f"not a built-in reward nor an import path 'package.module:function'{_nearest(name, BUILTIN_REWARDS)};"
+            f"not a built-in reward nor an import path 'package.module:function'{nearest(name, BUILTIN_REWARDS)};"
             f" built-ins: {known}"
         )
     target = _import(module_name, [*folders, Path.cwd()])
     for attr in attrs.split("."):
         if not hasattr(target, attr):
             public = [a for a in dir(target) if not a.startswith("_")]
-            raise ValueError(f"{module_name!r} has no attribute {attrs!r}{_nearest(attr, public)}")
+            raise ValueError(f"{module_name!r} has no attribute {attrs!r}{nearest(attr, public)}")
         target = getattr(target, attr)
     return target
 
@@ -144,7 +145,7 @@ def check_options(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         for option in options:
             if option not in named:
                 valid = [*named, *ENTRY_KEYS]
-                raise ValueError(f"unknown option {option!r}{_nearest(option, valid)}; it takes {', '.join(valid)}")
+                raise ValueError(f"unknown option {option!r}{nearest(option, valid)}; it takes {', '.join(valid)}")
     missing = [p for p in named.values() if p.default is p.empty and p.name not in options]
     if missing:
         raise ValueError(f"missing a required argument: {missing[0].name!r}")
@@ -153,7 +154,7 @@ def check_options(target: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     for option, value in options.items():
         if option in hints:
             try:
-                out[option] = _coerce(value, hints[option], option)
+                out[option] = coerce(value, hints[option], option)
             except TypeError:  # a type the config reader does not know: the constructor judges
                 continue
             except ConfigError as err:

@@ -20,7 +20,7 @@ from torch import nn
 from posttrain import distributed
 from posttrain.model import load
 from posttrain.model.lora import is_lora
-from posttrain.rollout.generate import Rollout, SamplingParams, _eos_ids, cut_completion
+from posttrain.rollout.sampling import Rollout, SamplingParams, cut_completion, eos_ids
 
 __all__ = ["VLLMGenerator", "hf_named_weights", "require_vllm"]
 
@@ -100,7 +100,7 @@ class VLLMGenerator:
     ) -> None:
         vllm = require_vllm()
         self.model, self.tokenizer, self._vllm = model, tokenizer, vllm
-        self.eos_ids = _eos_ids(tokenizer, model)
+        self.eos_ids = eos_ids(tokenizer, model)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (module doc)
         extra: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if distributed.world_size() > 1:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
 """The trainer state's plain values and the checkpoint's file list; written last, it marks a checkpoint complete."""

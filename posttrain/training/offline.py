@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from posttrain import determinism, distributed
 from posttrain.algorithms import OnlineAlgorithm
-from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig, check_models, load
 from posttrain.host import host_values
 from posttrain.model import compiled, lora
@@ -162,9 +161,13 @@ def load_policy(task: OfflineTask[Any, Any], config: TrainConfig, device: torch.
 def run(
     source: str | Path | dict[str, Any] | TrainConfig, overrides: Sequence[str] = (), resume: bool = False
 ) -> RunResult:
-    """Train one offline method end to end; what ``posttrain train`` runs."""
+    """Train one offline method end to end (``posttrain train`` picks the loop: posttrain.training.dispatch)."""
     # 1. Config, tokenizer and data: every row is validated and tokenized once, before anything is written.
     config = load(source, overrides)
+    if isinstance(config.algorithm, OnlineAlgorithm):
+        raise ConfigError(
+            f"method: {config.method} is an online method; posttrain.train or posttrain.training.dispatch.run runs it"
+        )
     check_models(config)  # the model paths, before anything loads or is written
     with remote_code(config.trust_remote_code):  # every model load of the run honours the key
         return _run(config, resume)
@@ -175,14 +178,6 @@ def _run(config: TrainConfig, resume: bool) -> RunResult:
     lora.check_quantization(config)
     distributed.setup()  # torchrun: join the other processes (nothing with one)
     check_processes(config)
-    if isinstance(config.algorithm, IterativeDPO):  # rounds of sampling, each trained by this loop
-        from posttrain.training.iterative import run_iterative
-
-        return run_iterative(config, resume=resume)
-    if isinstance(config.algorithm, OnlineAlgorithm):  # the second loop: prompts -> samples -> rewards
-        from posttrain.training.online import run_online
-
-        return run_online(config, resume=resume)
     with rundir.claim(Path(config.output_dir), resume) as folder:  # locked and checked before anything loads
         return _train(config, folder)
 

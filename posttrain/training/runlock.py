@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 LOCK_FILE = "posttrain.lock"
 HEARTBEAT_S = 30.0
