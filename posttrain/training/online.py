@@ -1,7 +1,8 @@
 """The online loop: prompts -> generation -> rewards -> advantages -> old / reference log-probs -> K passes.
 
-Every online method runs through :func:`run_online`; GRPO (with its Dr. GRPO / DAPO / GSPO settings) and
-RLOO differ only in how rewards become a loss (:func:`grpo_loss`, :func:`rloo_loss_of`). Sampling always
+Every online method runs through :func:`run_online`, the loop alone; what GRPO (with its Dr. GRPO / DAPO /
+GSPO settings), RLOO and PPO need, their targets and their losses sit behind one seam
+(:class:`posttrain.training.online_methods.OnlineMethod`). Sampling always
 uses the CURRENT policy module (the generator holds it, never a copy); every log-prob of a sample (policy,
 old policy, reference) is computed from logits divided by the sampling temperature.
 """
@@ -20,25 +21,22 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from posttrain import determinism, distributed
-from posttrain.algorithms.online import GRPO, PPO, RLOO, OnlineAlgorithm
+from posttrain.algorithms.online import OnlineAlgorithm
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import Renderer
 from posttrain.host import host_values
-from posttrain.losses import aggregate
-from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_clip, rloo_loss
 from posttrain.model import lora
 from posttrain.model.load import evaluation_mode, freeze, load_causal_lm, load_tokenizer
-from posttrain.model.logps import TokenLogps
 from posttrain.model.spans import resolve_layout, span_attention
-from posttrain.model.value import SeparateCritic, SharedCritic, critic_source, load_critic
+from posttrain.model.value import SeparateCritic, SharedCritic
 from posttrain.report.card import write_card
 from posttrain.rewards.combine import CombinedReward, load_rewards
-from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages, tied_groups
+from posttrain.rollout.advantages import tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams, build_generator
 from posttrain.tracking import open_trackers
 from posttrain.training import checkpoint, memory, rundir
@@ -51,8 +49,9 @@ from posttrain.training.offline import (
     check_processes,
     check_resumable,
 )
+from posttrain.training.online_methods import online_method
 from posttrain.training.optim import build_optimizer, build_scheduler
-from posttrain.training.ppo import critic_values, ppo_figures, ppo_loss, ppo_targets
+from posttrain.training.ppo import critic_values
 from posttrain.training.rollouts import (  # noqa: F401 - sample: posttrain.evaluate imports it from here
     Samples,
     Scorer,
@@ -62,38 +61,6 @@ from posttrain.training.rollouts import (  # noqa: F401 - sample: posttrain.eval
     sample,
     sample_all,
 )
-
-
-def grpo_loss(
-    alg: GRPO,
-    cur: TokenLogps,
-    old: Tensor,
-    ref: Tensor | None,
-    advantages: Tensor,
-    counts: dict[str, int],
-    max_new_tokens: int,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate (+ beta k3 KL to the reference) per token, reduced as ``loss_aggregation`` says."""
-    out = ppo_clip(
-        policy_logps=cur.logps, old_logps=old, advantages=advantages.to(cur.logps.dtype), loss_mask=cur.mask,
-        eps_low=alg.epsilon_low, eps_high=alg.epsilon_high, sequence_level=alg.sequence_level_ratio,
-    )  # fmt: skip
-    per_token = out.loss
-    metrics = dict(out.metrics)
-    if ref is not None and alg.beta > 0:
-        kl = kl_k3(policy_logps=cur.logps, ref_logps=ref) * cur.mask
-        per_token = per_token + alg.beta * kl
-        metrics["kl_sum"] = kl.detach().sum(-1)
-    loss = aggregate_policy_loss(
-        per_token, cur.mask, mode=alg.loss_aggregation, global_tokens=counts["tokens"],
-        global_sequences=counts["sequences"], max_completion_length=max_new_tokens,
-    )  # fmt: skip
-    return loss, metrics
-
-
-def rloo_loss_of(cur: TokenLogps, advantages: Tensor, counts: dict[str, int]) -> tuple[Tensor, dict[str, Tensor]]:
-    out = rloo_loss(policy_seq_logps=cur.sums, advantages=advantages.to(cur.sums.dtype))
-    return aggregate(out.loss, global_count=counts["sequences"]), {}
 
 
 def method_rewards(config: TrainConfig) -> CombinedReward:
@@ -160,6 +127,7 @@ def _train_online(
     """The online loop in a claimed run folder: its start (step 0 or a checkpoint) is decided."""
     alg = config.algorithm
     assert isinstance(alg, OnlineAlgorithm)
+    method = online_method(config)  # what the method needs, its targets and its loss
     reward_fn = method_rewards(config)
     make_generator = generator_factory or default_generator(config)
     with distributed.main_first():  # an embedded model is converted once, by the first process
@@ -219,25 +187,15 @@ def _train_online(
     score = Scorer(config, device, layout=layout)
     n = alg.num_generations
     # Passes over each rollout (GRPO's mu, PPO's epochs) and optimizer steps per pass (PPO's minibatches).
-    passes = alg.num_iterations if isinstance(alg, GRPO) else alg.ppo_epochs if isinstance(alg, PPO) else 1
-    minibatches = alg.num_mini_batches if isinstance(alg, PPO) else 1
+    passes, minibatches = method.passes, method.minibatches
     mask_truncated = alg.masks_truncated(gen)
-    critic: nn.Module | None = None
-    start_critic: Callable[[], nn.Module] | None = None
-    if isinstance(alg, PPO):  # the critic: a value head on the policy's trunk, or a model of its own
-        if alg.share_trunk:
-            critic = SharedCritic(int(policy.config.get_text_config().hidden_size)).to(device)  # type: ignore[union-attr,operator]
-        else:
-            source = critic_source(alg.critic_model, config.rewards, config.model)
-            start_critic = lambda: load_critic(source, tokenizer)  # noqa: E731 - (rebuilt for saving under fsdp2)
-            critic = load_critic(source, tokenizer, gradient_checkpointing=config.gradient_checkpointing).to(device)
+    critic, start_critic = method.build_critic(policy, tokenizer, device)  # (PPO's: a value head or a model)
 
     # 3. A resumed run's trained weights, then the models made data-parallel, then optimizers and schedules
     # (one optimizer step per minibatch of each pass over a rollout; built on fsdp2's sharded parameters).
     per_epoch = len(prompts) // config.batch_size
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     summary: dict[str, Any] = {"method": alg.name, "model": config.model, "steps": total, "layout": layout}
-    kl_coef = alg.beta  # PPO's adaptive controller moves it; the config keeps the starting value
     start = 0
     state: dict[str, Any] = {}
     if last is not None:  # the trained weights, the optimizers' and schedules' state, the RNG, the step
@@ -259,8 +217,7 @@ def _train_online(
     scheduler = build_scheduler(optimizer, total * passes * minibatches, config.warmup_ratio, config.lr_scheduler)
     steppers: list[tuple[torch.optim.Optimizer, Any]] = [(optimizer, scheduler)]
     if critic is not None:
-        assert isinstance(alg, PPO)
-        critic_lr = alg.critic_learning_rate or config.lr
+        critic_lr = method.critic_learning_rate()
         critic_opt = build_optimizer(critic, critic_lr, config.adam_betas, config.adam_eps, config.weight_decay)
         critic_sched = build_scheduler(critic_opt, total * passes * minibatches, config.warmup_ratio,
                                        config.lr_scheduler)  # fmt: skip
@@ -271,7 +228,7 @@ def _train_online(
             distributed.load_optimizer_state(model, opt, o)
             sched.load_state_dict(sc)
         checkpoint.restore_rng(state)
-        start, kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
+        start, method.kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
         log(f"resumed from {last} at step {start}")
     if distributed.is_main():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -297,9 +254,9 @@ def _train_online(
             (distributed.optimizer_state(m, o), sc.state_dict()) for m, (o, sc) in zip(trained, steppers, strict=True)
         ]
         if plain is not None and distributed.is_main():
-            extra = {"config": config.to_dict(), "summary": summary, "kl_coef": kl_coef, "optimizers": optimizers,
-                     "critic": plain_critic.state_dict() if plain_critic is not None else None,
-                     "fingerprints": fingerprints}  # fmt: skip
+            extra = {"config": config.to_dict(), "summary": summary, "kl_coef": method.kl_coef,
+                     "optimizers": optimizers, "fingerprints": fingerprints,
+                     "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
             checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra)
         distributed.barrier()
 
@@ -334,8 +291,8 @@ def _train_online(
             s = draw(batch, draw_seed)
             tied_share = host_values(tied_groups(s.rewards, n).double().mean()) if n > 1 else 0.0
             resampled = 0
-            if isinstance(alg, GRPO) and alg.dynamic_sampling:
-                s, resampled = refill_informative(s, draw, prompts, config.batch_size, n, alg.max_resample,
+            if method.dynamic_sampling:
+                s, resampled = refill_informative(s, draw, prompts, config.batch_size, n, method.max_resample,
                                                   draw_seed, tokenizer.pad_token_id)  # fmt: skip
         everything = torch.arange(len(s.rewards))
         t_sampled = time.perf_counter()
@@ -351,7 +308,7 @@ def _train_online(
                 with evaluation_mode(ref_model), ref_context():
                     refs = [(score(ref_model, s, r).logps, real) for r, real in chunks]
                 ref = gathered([x for x, real in refs if real], s)
-            if passes > 1 or isinstance(alg, PPO) or (isinstance(alg, RLOO) and ref is not None):
+            if method.needs_old(reference=ref is not None):
                 outs = [(r, score(policy, s, r, hidden=shared), real) for r, real in chunks]
                 old = gathered([o.logps for _, o, real in outs if real], s)
                 if critic is not None:
@@ -359,19 +316,8 @@ def _train_online(
                     old_values = gathered([v for v, real in vs if real], s)
                 del outs
         t_scored = time.perf_counter()
-        targets = None
-        if isinstance(alg, RLOO):
-            kl = torch.zeros_like(s.rewards)
-            if ref is not None and old is not None:  # the KL penalty folded into the reward (k1, summed)
-                kl = kl_k1(policy_logps=old, ref_logps=ref).sum(-1).double()  # (on the device)
-            advantages = rloo_advantages(s.rewards.to(kl.device) - alg.beta * kl, n)
-        elif isinstance(alg, PPO):
-            assert old is not None and old_values is not None
-            targets = ppo_targets(alg, kl_coef, s.rewards.to(device), old, ref, old_values, s.loss_mask.to(device),
-                                  tokens=host_values(s.loss_mask.sum()))  # fmt: skip
-        else:
-            assert isinstance(alg, GRPO)
-            advantages = group_advantages(s.rewards, n, scale=alg.scale_rewards)
+        rollout_tokens = host_values(s.loss_mask.sum())  # (the rollout is on the host)
+        targets = method.targets(s, old, ref, old_values, tokens=rollout_tokens)  # advantages, PPO's returns
         # Figures stay on the device through the passes and are read once, after them (tests/test_syncs.py).
         on_device = MetricSums()
         done = 0
@@ -390,17 +336,8 @@ def _train_online(
                 for r, real in distributed.lockstep(share, policy, filler=everything[:1]):
                     # The entropy is measured on the first minibatch of the first pass (every process's share).
                     cur = score(policy, s, r, entropy=real and k == 0 and j == 0, hidden=shared)
-                    if isinstance(alg, PPO):
-                        assert targets is not None and old is not None and critic is not None
-                        values = critic_values(critic, *s.rows(r, device), cur)
-                        loss, metrics = ppo_loss(alg, cur, old[r], values, targets, r.to(device), counts["tokens"])
-                    elif isinstance(alg, GRPO):
-                        old_r = old[r] if old is not None else cur.logps.detach()
-                        ref_r = ref[r] if ref is not None else None
-                        adv = advantages[r].to(device)
-                        loss, metrics = grpo_loss(alg, cur, old_r, ref_r, adv, counts, gen.max_new_tokens)
-                    else:
-                        loss, metrics = rloo_loss_of(cur, advantages[r].to(device), counts)
+                    values = critic_values(critic, *s.rows(r, device), cur) if critic is not None else None
+                    loss, metrics = method.loss(cur, r, targets, counts, values)
                     # (recomputed layers: see spans.py; a shared trunk's rows are scored padded)
                     with span_attention(policy, on=layout != "padded" and not shared):
                         (loss if real else loss * 0.0).backward()  # (a filler's backward: zero gradients)
@@ -427,18 +364,12 @@ def _train_online(
                     sched.step()
                     opt.zero_grad(set_to_none=True)
             done += 1
-            if isinstance(alg, PPO) and alg.target_kl is not None:  # a read per pass, for this option only
-                moved, moved_tokens = distributed.sum_floats([float(approx_kl), float(pass_tokens)])
-                if moved / max(1, moved_tokens) > alg.target_kl:
-                    break  # the policy has moved far enough from the one that sampled: stop this rollout's epochs
+            if not method.keep_passing(approx_kl, pass_tokens):  # (PPO's target_kl: a read per pass)
+                break  # the policy has moved far enough from the one that sampled: stop this rollout's passes
         # The one read of the training passes: the figures summed over micro-batches and processes, the norm,
         # the rollout-level figures computed on the device.
-        extra = {"grad_norm": grad_norm}
-        if isinstance(alg, RLOO) and ref is not None:  # KL to the reference per completion (k1, summed)
-            extra["kl_ref"] = kl.mean()
-        if isinstance(alg, PPO) and targets is not None:
-            extra.update(ppo_figures(targets, s.loss_mask.to(device)))
-        extra.update(samples_log.on_device(targets.advantages if targets is not None else advantages, s.loss_mask))
+        extra = {"grad_norm": grad_norm, **targets.figures}
+        extra.update(samples_log.on_device(targets.advantages, s.loss_mask))
         sums = on_device.mean(extra=extra)  # (every figure added per="total")
         norm = sums.pop("grad_norm")
         rollout_figures = {name: sums.pop(name) for name in list(extra)[1:]}
@@ -447,7 +378,7 @@ def _train_online(
             if name not in ("entropy_sum", "entropy_tokens"):
                 sums[name] /= done
         skipped = guard.check(step + 1, sums["loss"], norm)  # a NaN/inf stops the run here, before any save
-        tokens = max(1, host_values(s.loss_mask.sum()))
+        tokens = max(1, rollout_tokens)
         rewards = s.rewards.double()  # the rollout's figures: host tensors
         figures = {
             "loss": sums["loss"], "reward": host_values(rewards.mean()), "reward_std": host_values(rewards.std()),
@@ -468,12 +399,7 @@ def _train_online(
             figures["kl"] = sums["kl_sum"] / tokens
         if "entropy_sum" in sums:
             figures["entropy"] = sums["entropy_sum"] / max(1.0, sums["entropy_tokens"])
-        if isinstance(alg, PPO) and targets is not None:
-            figures["beta"] = kl_coef
-            figures.update(value_loss=sums["value_loss"], policy_loss=sums["policy_loss"], epochs=done,
-                           value_clip_frac=sums["value_clipped_tokens"] / tokens)  # fmt: skip
-            if alg.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, float(figures["kl_ref"]), alg.kl_target, alg.kl_gain)
+        method.add_figures(figures, sums, tokens, done)  # (PPO's: beta, value loss ...; its adaptive KL moves)
         peaks = memory.peak_memory(device)  # (allocator counters: no device sync)
         writer.write({"split": "train", "step": step + 1, **figures, **peaks})
         progress.update(1)
