@@ -88,7 +88,17 @@ def panels_for(runs: list[Run]) -> list[Panel]:
     return out
 
 
-def first_last(run: Run, key: str, split: str = "train") -> tuple[float, float] | None:
-    """The first and the last logged value of a figure (None when it has fewer than two)."""
+def first_last(run: Run, key: str, split: str = "train") -> tuple[float, float, int] | None:
+    """The mean of the first and of the last tenth of a figure's logged values (at least one value each,
+    at most 10: one batch's loss is noisy), and how many each mean took; None with fewer than two values.
+
+    >>> from pathlib import Path
+    >>> first_last(Run("r", Path("."), metrics=[{"split": "train", "step": i, "loss": float(i)} for i in range(20)]),
+    ...            "loss")
+    (0.5, 18.5, 2)
+    """
     values = [v for _, v in run.series(key, split) if v is not None]
-    return (values[0], values[-1]) if len(values) >= 2 else None
+    if len(values) < 2:
+        return None
+    n = min(10, max(1, len(values) // 10))
+    return sum(values[:n]) / n, sum(values[-n:]) / n, n

@@ -64,7 +64,9 @@ def _glance(run: Run) -> str:
     items = []
     loss = first_last(run, "loss")
     if loss:
-        items.append(f"training loss {_change('loss', *loss)}")
+        first, last, n = loss
+        span = f" (mean of the first and last {n} logged steps)" if n > 1 else ""
+        items.append(f"training loss {_change('loss', first, last)}{span}")
     before, after = run.summary.get("heldout_before") or {}, run.summary.get("heldout_after") or {}
     for key in [k for k in HEADLINE if k in after][:3]:
         if key in before:
