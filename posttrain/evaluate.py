@@ -25,7 +25,7 @@ from posttrain.model.load import load_causal_lm, load_tokenizer, local_model_pro
 from posttrain.rollout.compare import distribution, sampled_kl, win_rate
 from posttrain.rollout.generate import SamplingParams
 from posttrain.training.offline import evaluate
-from posttrain.training.online import Scorer, default_generator, method_rewards, sample
+from posttrain.training.rollouts import Scorer, default_generator, method_rewards, sample
 from posttrain.training.tasks import task_for
 
 

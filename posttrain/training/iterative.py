@@ -31,7 +31,7 @@ from posttrain.rollout.generate import Generator, Rollout, SamplingParams, shard
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training import memory, rundir
 from posttrain.training.offline import RunResult, run
-from posttrain.training.online import default_generator, heldout_figures, method_rewards
+from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards
 
 
 def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -> dict[str, Any]:

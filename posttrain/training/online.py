@@ -35,9 +35,8 @@ from posttrain.model.load import evaluation_mode, freeze, load_causal_lm, load_t
 from posttrain.model.spans import resolve_layout, span_attention
 from posttrain.model.value import SeparateCritic, SharedCritic
 from posttrain.report.card import write_card
-from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import tied_groups
-from posttrain.rollout.generate import Generator, SamplingParams, build_generator
+from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.tracking import open_trackers
 from posttrain.training import checkpoint, memory, rundir
 from posttrain.training.completions import CompletionsLog
@@ -52,52 +51,16 @@ from posttrain.training.offline import (
 from posttrain.training.online_methods import online_method
 from posttrain.training.optim import build_optimizer, build_scheduler
 from posttrain.training.ppo import critic_values
-from posttrain.training.rollouts import (  # noqa: F401 - sample: posttrain.evaluate imports it from here
+from posttrain.training.rollouts import (
     Samples,
     Scorer,
+    default_generator,
     gathered,
     heldout_figures,
+    method_rewards,
     refill_informative,
-    sample,
     sample_all,
 )
-
-
-def method_rewards(config: TrainConfig) -> CombinedReward:
-    """The configured rewards plus the terms the method adds itself (DAPO's soft overlong punishment)."""
-    alg = config.algorithm
-    assert isinstance(alg, OnlineAlgorithm)
-    if not config.rewards:
-        raise ConfigError(f"rewards: method {alg.name} needs at least one reward (e.g. [{{name: numeric_answer}}])")
-    extra = alg.extra_rewards(config.generation)
-    named = {spec if isinstance(spec, str) else spec.get("name") for spec in config.rewards}
-    for spec in extra:
-        if spec["name"] in named:
-            raise ConfigError(
-                f"rewards: method {alg.name} adds the {spec['name']!r} reward itself (overlong_buffer, "
-                "overlong_penalty); remove it from rewards or set overlong_buffer: 0"
-            )
-    try:
-        return load_rewards([*config.rewards, *extra])
-    except ValueError as err:  # checked when the config was read; what is left: a constructor's refusal
-        raise ConfigError(f"rewards: {err}") from err
-
-
-def default_generator(config: TrainConfig) -> Callable[[nn.Module, Any], Generator]:
-    """``(model, tokenizer) -> Generator`` for the run's ``generation.backend``; called before anything is
-    written, it refuses a vLLM backend that cannot start here with one line."""
-    gen = config.generation
-    if gen.backend == "vllm":
-        from posttrain.rollout.vllm import require_vllm
-
-        try:
-            require_vllm()
-        except (ImportError, RuntimeError) as err:
-            raise ConfigError(str(err)) from None
-    options: dict[str, Any] = {"batch_size": gen.batch_size, "loop": gen.loop}
-    if gen.backend == "vllm":
-        options = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
-    return lambda model, tokenizer: build_generator(gen.backend, model, tokenizer, config.model, **options)
 
 
 def run_online(

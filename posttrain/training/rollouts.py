@@ -11,20 +11,23 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from posttrain import distributed
+from posttrain.algorithms.online import OnlineAlgorithm
 from posttrain.config import TrainConfig
 from posttrain.data.collate import pack_units, pad_completions
 from posttrain.data.prompts import PromptRecord, repeat_columns
+from posttrain.errors import ConfigError
 from posttrain.host import host_values
 from posttrain.model.load import autocast
 from posttrain.model.logps import TokenLogps, completion_logps
-from posttrain.rewards.combine import CombinedReward
+from posttrain.rewards.combine import CombinedReward, load_rewards
 from posttrain.rollout.advantages import tied_groups
-from posttrain.rollout.generate import Generator, SamplingParams, shard_seed
+from posttrain.rollout.generate import Generator, SamplingParams, build_generator, shard_seed
 
 
 @dataclass(frozen=True)
@@ -237,3 +240,40 @@ def gathered(parts: list[Tensor], s: Samples) -> Tensor:
     # (an empty share: no rows, on the device the other processes' shares are scored on)
     local = torch.cat(parts) if parts else torch.zeros((0, s.input_ids.shape[1]), device=distributed.device())
     return distributed.gather_rows(local)
+
+
+def method_rewards(config: TrainConfig) -> CombinedReward:
+    """The configured rewards plus the terms the method adds itself (DAPO's soft overlong punishment)."""
+    alg = config.algorithm
+    assert isinstance(alg, OnlineAlgorithm)
+    if not config.rewards:
+        raise ConfigError(f"rewards: method {alg.name} needs at least one reward (e.g. [{{name: numeric_answer}}])")
+    extra = alg.extra_rewards(config.generation)
+    named = {spec if isinstance(spec, str) else spec.get("name") for spec in config.rewards}
+    for spec in extra:
+        if spec["name"] in named:
+            raise ConfigError(
+                f"rewards: method {alg.name} adds the {spec['name']!r} reward itself (overlong_buffer, "
+                "overlong_penalty); remove it from rewards or set overlong_buffer: 0"
+            )
+    try:
+        return load_rewards([*config.rewards, *extra])
+    except ValueError as err:  # checked when the config was read; what is left: a constructor's refusal
+        raise ConfigError(f"rewards: {err}") from err
+
+
+def default_generator(config: TrainConfig) -> Callable[[nn.Module, Any], Generator]:
+    """``(model, tokenizer) -> Generator`` for the run's ``generation.backend``; called before anything is
+    written, it refuses a vLLM backend that cannot start here with one line."""
+    gen = config.generation
+    if gen.backend == "vllm":
+        from posttrain.rollout.vllm import require_vllm
+
+        try:
+            require_vllm()
+        except (ImportError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
+    options: dict[str, Any] = {"batch_size": gen.batch_size, "loop": gen.loop}
+    if gen.backend == "vllm":
+        options = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
+    return lambda model, tokenizer: build_generator(gen.backend, model, tokenizer, config.model, **options)
