@@ -372,11 +372,16 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     for key in raw:  # checked here so that the nearest name may be one of the method's hyperparameters
         if key not in top:
             raise ConfigError(f"{key}: unknown key{nearest(key, top | own)}")
-    reference = raw.get("reference")
-    if isinstance(reference, str):  # `reference: none` is shorthand for {kind: none}
-        raw["reference"] = {"kind": reference}
+    if "reference" in raw:
+        raw["reference"] = section("reference", raw["reference"])
     algorithm = build(algo_cls, algo_raw)
     return typing.cast(TrainConfig, build(TrainConfig, raw, algorithm=algorithm))
+
+
+def section(key: str, value: Any) -> Any:
+    """``value`` of top-level ``key`` as a section: ``reference: none`` is shorthand for ``{kind: none}``
+    (read, overridden with ``--set reference.kind=...`` and merged in a pipeline alike)."""
+    return {"kind": value} if key == "reference" and isinstance(value, str) else value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -398,9 +403,7 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         path, value = parse_override(item)
         node = out
         for part in path[:-1]:
-            child = node.get(part)
-            if isinstance(child, str) and part == "reference":
-                child = {"kind": child}
+            child = section(part, node.get(part))
             node[part] = dict(child) if isinstance(child, dict) else ({} if child is None else child)
             node = node[part]
             if not isinstance(node, dict):

@@ -42,7 +42,15 @@ import yaml
 
 from posttrain import determinism
 from posttrain.algorithms import ALGORITHMS, hyperparameter_owners
-from posttrain.config import ConfigError, TrainConfig, apply_overrides, check_rewards, from_dict, read_yaml
+from posttrain.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    check_rewards,
+    from_dict,
+    read_yaml,
+    section,
+)
 from posttrain.data.formats import DataError
 from posttrain.data.kinds import load_examples
 from posttrain.fields import nearest
@@ -130,11 +138,6 @@ def is_pipeline(source: object) -> typing.TypeGuard[str | Path | dict[str, Any]]
         return False
 
 
-def _section(key: str, value: Any) -> Any:
-    """``reference: none`` is shorthand for ``{kind: none}``; normalised so that it merges as a section."""
-    return {"kind": value} if key == "reference" and isinstance(value, str) else value
-
-
 def _split_overrides(overrides: Sequence[str], n_stages: int) -> tuple[list[str], dict[int, list[str]]]:
     """``KEY=VALUE`` items for the shared top level, and ``stages.N.KEY=VALUE`` items by stage."""
     shared: list[str] = []
@@ -164,7 +167,7 @@ def _stage_raw(shared: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
     for key, value in own.items():
         if key == "name":
             continue
-        base, value = _section(key, out.get(key)), _section(key, value)
+        base, value = section(key, out.get(key)), section(key, value)
         out[key] = {**base, **value} if isinstance(base, dict) and isinstance(value, dict) else copy.deepcopy(value)
     return out
 
