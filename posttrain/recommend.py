@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from posttrain.algorithms import ALGORITHMS
+from posttrain.algorithms.kto import KTO_RANGE, kto_weights  # noqa: F401 - (KTO_RANGE: re-exported)
 from posttrain.data.formats import DataError, read_rows
 
 Shape = Literal["preference", "unpaired", "demonstrations", "verifier"]
@@ -50,7 +51,6 @@ LONGER_SHARE = 0.6  # chosen longer in more than this share of pairs: length bia
 LENGTH_RATIO = 1.3  # ... or mean chosen length over mean rejected length above this
 TINY_MARGIN = 0.1  # a score margin smaller than this fraction of the scores' std is a near-tie
 NOISY_SHARE = 0.1  # score ties, near-ties and inverted margins above this share: noisy labels
-KTO_RANGE = (1.0, 4 / 3)  # KTO paper: lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3]
 
 
 @dataclass(frozen=True)
@@ -165,25 +165,6 @@ def score_margins(scores: Sequence[tuple[float, float]]) -> Margins:
         tiny=sum(0 < abs(m) < threshold for m in margins),
         inverted=sum(m <= -threshold and m != 0 for m in margins),
     )
-
-
-def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
-    """(lambda_D, lambda_U) putting lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the larger class keeps weight 1.
-
-    >>> kto_weights(100, 300), kto_weights(100, 90), kto_weights(400, 100)
-    ((3.0, 1.0), (1.0, 1.0), (1.0, 3.0))
-    """
-    ratio = n_desirable / n_undesirable
-    if ratio < KTO_RANGE[0]:  # raise lambda_D to the lower end
-        return _round_up(1 / ratio), 1.0
-    if ratio > KTO_RANGE[1]:  # raise lambda_U to the upper end
-        return 1.0, _round_up(ratio / KTO_RANGE[1])
-    return 1.0, 1.0
-
-
-def _round_up(x: float) -> float:
-    """Two decimals, rounded up, so that a weight raised to reach the range stays inside it."""
-    return math.ceil(round(x * 100, 6)) / 100
 
 
 def duplicates(keys: Iterable[str]) -> int:
@@ -382,7 +363,8 @@ def starting_config(report: Report, split: str = "train") -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             config[f.name] = top.hyperparameters.get(f.name, f.default)
-    if not cls.needs_reference:
+    alg = cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+    if not alg.uses_reference("copy") and alg.reference_refusal("none") is None:  # (GRPO with beta > 0: copy)
         config["reference"] = "none"
     return config
 

@@ -7,6 +7,7 @@ passed in here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,3 +52,25 @@ class KTO(Algorithm):
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
         )
+
+
+KTO_RANGE = (1.0, 4 / 3)  # KTO paper: lambda_D * n_D / (lambda_U * n_U) should lie in [1, 4/3]
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(lambda_D, lambda_U) putting lambda_D n_D / (lambda_U n_U) in [1, 4/3]; the larger class keeps weight 1.
+
+    >>> kto_weights(100, 300), kto_weights(100, 90), kto_weights(400, 100)
+    ((3.0, 1.0), (1.0, 1.0), (1.0, 3.0))
+    """
+    ratio = n_desirable / n_undesirable
+    if ratio < KTO_RANGE[0]:  # raise lambda_D to the lower end
+        return _round_up(1 / ratio), 1.0
+    if ratio > KTO_RANGE[1]:  # raise lambda_U to the upper end
+        return 1.0, _round_up(ratio / KTO_RANGE[1])
+    return 1.0, 1.0
+
+
+def _round_up(x: float) -> float:
+    """Two decimals, rounded up, so that a weight raised to reach the range stays inside it."""
+    return math.ceil(round(x * 100, 6)) / 100

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from posttrain import distributed
-from posttrain.algorithms.kto import KTO
+from posttrain.algorithms.kto import KTO, KTO_RANGE, kto_weights
 from posttrain.data.examples import UnpairedRecord
 from posttrain.data.tokenize import TruncationStats
 from posttrain.data.unpaired import UnpairedBatch, collate_unpaired, load_unpaired, tokenize_unpaired
@@ -125,7 +125,7 @@ def imbalance_guidance(
     """The KTO paper's advice on class balance (Eq. 8), or None when the data and weights follow it.
 
     The paper sets the weights so that ``λ_D n_D / (λ_U n_U)`` lies in ``[1, 4/3]``; the suggested weights
-    come from :func:`posttrain.recommend.kto_weights` (the larger class keeps weight 1).
+    come from :func:`posttrain.algorithms.kto.kto_weights` (the larger class keeps weight 1).
 
     >>> imbalance_guidance(100, 100, 1.0, 1.0) is None
     True
@@ -133,8 +133,6 @@ def imbalance_guidance(
     kto: desirable_weight * n_D / (undesirable_weight * n_U) = 1 * 100 / (1 * 300) = 0.33 is outside [1, 4/3],
     the range the KTO paper recommends (Eq. 8); for this data set desirable_weight: 3 and undesirable_weight: 1
     """
-    from posttrain.recommend import KTO_RANGE, kto_weights
-
     if n_desirable == 0 or n_undesirable == 0:
         missing = "desirable" if n_desirable == 0 else "undesirable"
         return (
