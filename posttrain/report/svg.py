@@ -78,14 +78,14 @@ def number(value: float) -> str:
 def tick_label(value: float, step: float) -> str:
     """A tick's label, with the decimals its spacing needs (ticks 0.0005 apart near 6.232 stay distinct).
 
-    >>> [tick_label(v, 0.0005) for v in (6.2315, 6.232)]
-    ['6.2315', '6.232']
+    >>> [tick_label(v, 0.0005) for v in (6.2315, 6.232)], [tick_label(v, 0.25) for v in (0.25, 0.5, 0.75)]
+    (['6.2315', '6.232'], ['0.25', '0.5', '0.75'])
     >>> tick_label(0.0002, 0.0001), tick_label(25000.0, 5000.0)
     ('2e-04', '2.5e+04')
     """
     if value == 0 or abs(value) >= 1e4 or abs(value) < 1e-3 or step <= 0:
         return number(value)
-    decimals = max(0, math.ceil(-math.log10(step) - 1e-9))
+    decimals = next(d for d in range(12) if abs(round(step, d) - step) <= 1e-9 * step)  # 0.25 -> 2
     text = f"{value:.{decimals}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
 
