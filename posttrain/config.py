@@ -289,7 +289,7 @@ class TrainConfig:
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
         check(self.log_completions >= 0, "log_completions", f"must be >= 0, got {self.log_completions}")
         if self.report_to:
-            from posttrain.tracking import check_trackers  # (it imports this module)
+            from posttrain.tracking import check_trackers  # (only when a tracker is named)
 
             check_trackers(self.report_to)
         d = self.deterministic
