@@ -15,7 +15,7 @@ from support import BIT_EXACT, killed_after_first_checkpoint
 from transformers import AutoModelForCausalLM
 
 import posttrain
-from posttrain.cli import main
+from posttrain.cli import main, report_hint
 from posttrain.config import ConfigError, load
 from posttrain.data.formats import DataError
 from posttrain.model.load import load_causal_lm, load_tokenizer
@@ -106,7 +106,7 @@ def test_cli_runs_sets_one_stage_and_rerun_skips(
     out = capsys.readouterr().out
     assert "== stage sft (sft) ==" in out and "== stage 1-dpo (dpo) ==" in out
     assert "held-out:" in out and "held-out pairs:" in out
-    assert out.rstrip().endswith(f"final model: {run / '1-dpo' / 'model'}")
+    assert out.rstrip().splitlines()[-2:] == [f"final model: {run / '1-dpo' / 'model'}", report_hint(run)]
     saved = [yaml.safe_load((run / name / "config.yaml").read_text()) for name in ("sft", "1-dpo")]
     assert "beta" not in saved[0] and saved[1]["beta"] == 0.2
     counts = {p: lines(p) for p in (run / "sft" / "metrics.jsonl", run / "1-dpo" / "metrics.jsonl")}
@@ -114,7 +114,7 @@ def test_cli_runs_sets_one_stage_and_rerun_skips(
     assert main(["train", str(path), "--set", "stages.1.beta=0.2"]) == 0
     out = capsys.readouterr().out
     assert "stage sft: done, skipped" in out and "stage 1-dpo: done, skipped" in out
-    assert out.rstrip().endswith(f"final model: {run / '1-dpo' / 'model'}")
+    assert out.rstrip().splitlines()[-2:] == [f"final model: {run / '1-dpo' / 'model'}", report_hint(run)]
     assert {p: lines(p) for p in counts} == counts
 
     assert main(["train", str(path)]) == 2  # beta back to 0.1: the finished DPO stage does not match
