@@ -37,6 +37,7 @@ USING_HOST_VALUES = (
     "posttrain.training.offline",
     "posttrain.training.online",
     "posttrain.training.rollouts",
+    "posttrain.training.task",
     "posttrain.model.logps",
     "posttrain.rollout.advantages",
     "posttrain.training.completions",
@@ -161,3 +162,30 @@ def test_online_training_passes_read_the_device_once(
     assert len(at_steps) == 3 * steps_per_rollout
     expected = ([0] * (steps_per_rollout - 1) + [1]) * 3
     assert reads_between_steps(at_steps) == expected[: len(at_steps) - 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sync_debug_mode_sees_one_sync_per_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """On a GPU, torch's own sync detector over the same DPO steps (it misses some syncs: the CPU count above
+    is the contract; this one catches what Python conversions cannot show, such as boolean indexing)."""
+    import warnings
+
+    pairs = first_bundled_pairs(tmp_path / "pairs.jsonl", 16)
+    config = run_config("dpo", tiny_model_dir, pairs, tmp_path / "out", max_steps=4, reference={"kind": "cached"})
+    config["data"].pop("eval")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        syncs: list[int] = []  # the warnings so far, at each optimizer step's end
+
+        def build(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+            opt = optim.build_optimizer(*args, **kwargs)
+            opt.register_step_post_hook(lambda *_: syncs.append(len(caught)))
+            return opt
+
+        with mock.patch("posttrain.training.offline.build_optimizer", build):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                posttrain.train(config)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert reads_between_steps(syncs) == [1, 1, 1], [str(w.message) for w in caught][:10]

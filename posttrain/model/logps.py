@@ -32,7 +32,11 @@ def sequence_counts(loss_mask: Tensor, sequence: Tensor | None, num_sequences: i
     """Completion tokens of each sequence: row sums when padded, per ``sequence`` id when packed."""
     if sequence is None:
         return loss_mask.sum(-1)
-    return torch.bincount(sequence[loss_mask.bool()], minlength=num_sequences)
+    # index_add into a fixed size: no device read (bincount and boolean indexing both size their output
+    # from the data, a synchronisation on a GPU).
+    at = (loss_mask.bool() & (sequence >= 0)).reshape(-1)
+    out = torch.zeros((num_sequences,), dtype=torch.long, device=sequence.device)
+    return out.index_add(0, sequence.clamp(min=0).reshape(-1), at.long())
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,9 @@ class TokenLogps:
 
     def _per_sequence(self, values: Tensor) -> Tensor:
         assert self.sequence is not None
-        at = self.mask & (self.sequence >= 0)
-        out = values.new_zeros((self.num_sequences,))
-        return out.index_add(0, self.sequence[at], values[at])
+        at = (self.mask & (self.sequence >= 0)).reshape(-1)
+        out = values.new_zeros((self.num_sequences,))  # every position added, 0 off the mask: no device read
+        return out.index_add(0, self.sequence.clamp(min=0).reshape(-1), torch.where(at, values.reshape(-1), 0.0))
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ def completion_logps(
     sequence: Tensor | None = None,
     num_sequences: int = 0,
     span_kernel: str = "auto",
+    scored: int | None = None,
 ) -> TokenLogps:
     """Log-probs of the tokens marked by ``loss_mask`` under ``model``, (B, T) aligned with ``input_ids``.
 
@@ -175,6 +180,8 @@ def completion_logps(
         spans, sequence, num_sequences: a packed or prefix-shared layout (:func:`posttrain.data.collate.
             pack_units`): attention runs inside each span block (:mod:`posttrain.model.spans`), and ``sums``
             and ``counts`` of the result are per ``sequence`` id instead of per row.
+        scored: the number of scored tokens (``loss_mask[:, 1:].sum()``) when the caller knows it from the
+            host: the completion positions are then gathered without reading the device.
         span_kernel: how span attention runs: ``auto``, ``loop`` or ``mask`` (:data:`posttrain.model.spans.
             SPAN_KERNELS`).
     """
@@ -198,8 +205,13 @@ def completion_logps(
         out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
     hidden = out.last_hidden_state  # (B, T, H)
     select = loss_mask[:, 1:].bool()  # (B, T-1): position t-1 predicts token t
-    h = hidden[:, :-1][select]  # (N, H)
-    targets = input_ids[:, 1:][select]  # (N,)
+    if scored is None:  # boolean indexing: the output's size is read from the device
+        h = hidden[:, :-1][select]  # (N, H)
+        targets = input_ids[:, 1:][select]  # (N,)
+    else:  # N counted on the host: the same rows in the same order, without a read
+        where = torch.nonzero_static(select.reshape(-1), size=scored).squeeze(-1)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)
+        targets = input_ids[:, 1:].reshape(-1).index_select(0, where)
     pieces, entropies = [], []
     # (With no completion token at all the head still runs, on 0 rows: every parameter gets a gradient, zero,
     # as FSDP2's reduce-scatter needs on each process.)

@@ -74,6 +74,7 @@ class Scorer:
             return completion_logps(
                 model, *s.rows(rows, self.device), temperature=self.temperature,
                 chunk_size=self.config.logps_chunk_size, with_entropy=entropy, with_hidden=hidden,
+                scored=host_values(s.loss_mask[rows][:, 1:].sum()),  # (the rollout is on the host)
             )  # fmt: skip
 
     def _packed(self, model: nn.Module, s: Samples, rows: slice | Tensor, entropy: bool) -> TokenLogps:
@@ -103,13 +104,17 @@ class Scorer:
             model, packed.input_ids.to(device), packed.attention_mask.to(device), packed.loss_mask.to(device),
             temperature=self.temperature, chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
             position_ids=packed.position_ids.to(device), spans=packed.spans, span_kernel=self.config.span_attention,
+            scored=host_values(packed.loss_mask[:, 1:].sum()),
         )  # fmt: skip
         where = (torch.tensor(at_row, dtype=torch.long, device=device),
                  torch.tensor(at_col, dtype=torch.long, device=device))  # fmt: skip
         mask = loss_mask.to(device).bool()
 
+        # The packed row's completion positions, found on the host (boolean indexing on the device would read it).
+        scored_at = packed.loss_mask.reshape(-1).nonzero().squeeze(-1).to(device)
+
         def unpack(values: Tensor) -> Tensor:  # packed completion tokens -> the rollout's (N, T) positions
-            flat = values[packed.loss_mask.to(device)]
+            flat = values.reshape(-1).index_select(0, scored_at)
             return torch.zeros(mask.shape, dtype=flat.dtype, device=device).index_put(where, flat) * mask
 
         ent = unpack(out.entropy) if out.entropy is not None else None

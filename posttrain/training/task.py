@@ -24,6 +24,7 @@ from posttrain import distributed
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.tokenize import Renderer, TruncationStats
+from posttrain.host import host_values
 from posttrain.model import embedded
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm
 from posttrain.model.logps import TokenLogps, completion_logps
@@ -221,4 +222,5 @@ class OfflineTask(ABC, Generic[R, B]):
                 spans=getattr(batch, "spans", None),
                 sequence=None if sequence is None else sequence.to(device),
                 num_sequences=getattr(batch, "num_sequences", 0), span_kernel=self.config.span_attention,
+                scored=host_values(batch.loss_mask[:, 1:].sum()),  # (a host tensor: counted for free)
             )  # fmt: skip
