@@ -61,6 +61,14 @@ def first_bundled_pairs(path: Path, n: int = 32) -> Path:
     return path
 
 
+def write_word_prompts(path: Path, n: int) -> Path:
+    """Write ``n`` prompt rows "Question i: say the word." to ``path`` (the online tests' scripted task)."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(n)))
+    return path
+
+
 def run_config(
     method: str, model: Path, data: Path, out: Path, eval_file: Path | None = None, **extra: Any
 ) -> dict[str, Any]:

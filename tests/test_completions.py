@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from support import write_word_prompts
 
 from posttrain.config import ConfigError, load
 from posttrain.rollout.advantages import group_advantages
@@ -21,7 +22,7 @@ from posttrain.training.online import run_online
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(8)))
+    write_word_prompts(path, 8)
     return path
 
 

@@ -222,11 +222,11 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    from support import first_bundled_pairs
+    from support import first_bundled_pairs, write_word_prompts
 
     root = tmp_path_factory.mktemp("distributed")
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(16)))
+    write_word_prompts(prompts, 16)
     r = Runs(root, tiny_model_dir, first_bundled_pairs(root / "pairs.jsonl"), prompts)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if NCCL and gpus < 2:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ON_CUDA
+from support import ON_CUDA, write_word_prompts
 
 from posttrain.config import load
 from posttrain.data.prompts import PromptRecord
@@ -31,7 +31,7 @@ def test_pairing_and_tie_filtering_by_hand() -> None:
 
 def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(8)))
+    write_word_prompts(path, 8)
     cfg: dict[str, Any] = {
         "method": "iterative_dpo", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "it"),
         "data": {"train": str(path), "eval": str(path), "max_length": 64},

@@ -3,13 +3,12 @@ for offline and online runs and for a LoRA adapter save; the front matter names 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support import first_bundled_pairs, run_config
+from support import first_bundled_pairs, run_config, write_word_prompts
 
 import posttrain
 from posttrain.config import load
@@ -38,7 +37,7 @@ def test_offline_run_writes_a_card(tiny_model_dir: Path, tmp_path: Path) -> None
 
 def test_online_run_writes_a_card(tiny_model_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(4)))
+    write_word_prompts(prompts, 4)
     config = {
         "method": "grpo", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "grpo"),
         "data": {"train": str(prompts), "eval": str(prompts), "max_length": 64},

@@ -4,7 +4,6 @@ the algorithm class is 4 lines, the method class 10, plus one entry in each regi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from support import write_word_prompts
 from torch import Tensor
 
 from posttrain import algorithms
@@ -62,7 +62,7 @@ def test_the_targets_are_the_batch_mean_baseline(reinforce: None) -> None:
 
 def test_a_new_method_runs_through_the_loop_unchanged(reinforce: None, tiny_model_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(8)))
+    write_word_prompts(prompts, 8)
     config = load({
         "method": "reinforce", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
         "data": {"train": str(prompts), "max_length": 64},

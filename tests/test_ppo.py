@@ -3,12 +3,12 @@ an update has ratio 1, the reward rises with a bounded KL on a tiny model, and t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from support import write_word_prompts
 from transformers import AutoModelForSequenceClassification
 
 from posttrain.config import ConfigError, load
@@ -38,7 +38,7 @@ def ppo_config(model: Path, data: Path, out: Path, **extra: Any) -> dict[str, An
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(16)))
+    write_word_prompts(path, 16)
     return path
 
 

@@ -18,6 +18,7 @@ from support import (
     first_bundled_pairs,
     killed_after_first_checkpoint,
     run_config,
+    write_word_prompts,
 )
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -161,7 +162,7 @@ def test_qlora_grpo_starts_at_the_reference_and_saves_a_plain_model(tiny_model_d
     """GRPO with a KL penalty: the reference is the 4-bit base, so the first step's KL is exactly 0 and no
     ratio is clipped (the no-grad old-policy and reference forwards equal the training one)."""
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(16)))
+    write_word_prompts(prompts, 16)
     raw = {
         "method": "grpo", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
         "data": {"train": str(prompts), "max_length": 64},

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support import first_bundled_pairs, run_config
+from support import first_bundled_pairs, run_config, write_word_prompts
 
 import posttrain
 from posttrain.cli import main
@@ -95,7 +95,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(8)))
+    write_word_prompts(path, 8)
     return path
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from unittest import mock
 
 import pytest
 import torch
-from support import first_bundled_pairs, run_config
+from support import first_bundled_pairs, run_config, write_word_prompts
 
 import posttrain
 from posttrain import host
@@ -149,7 +148,7 @@ def test_online_training_passes_read_the_device_once(
     """Sampling aside, a rollout step reads the device once: after its passes (PPO's epochs and minibatches
     make several optimizer steps in between, with no read)."""
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(8)))
+    write_word_prompts(prompts, 8)
     config: dict[str, Any] = {
         "method": method, "model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
         "data": {"train": str(prompts), "max_length": 64},
