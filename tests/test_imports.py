@@ -126,6 +126,17 @@ def test_errors_is_a_leaf() -> None:
     assert import_graph()["posttrain.errors"] == set()
 
 
+def test_data_and_model_do_not_import_each_other() -> None:
+    """data/ lays batches out and model/ scores them; what both need sits outside them (posttrain.packing),
+    and what needs both (the references) sits in training/."""
+    graph = import_graph()
+    for importer, imported in (("posttrain.model", "posttrain.data"), ("posttrain.data", "posttrain.model")):
+        for name, targets in graph.items():
+            if name == importer or name.startswith(importer + "."):
+                wrong = sorted(t for t in targets if t == imported or t.startswith(imported + "."))
+                assert wrong == [], f"{name} imports {wrong}"
+
+
 def test_no_import_cycle() -> None:
     found = list(cycles(import_graph()))
     for cycle in found:

@@ -25,8 +25,9 @@ from posttrain.data.unpaired import collate_unpaired, kl_partners, load_unpaired
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.model.logps import completion_logps
 from posttrain.training import kto as kto_task
-from posttrain.training.kto import FrozenUnpairedReference, UnpairedTask, class_means
+from posttrain.training.kto import UnpairedTask, class_means
 from posttrain.training.metrics import MetricSums, read_metrics
+from posttrain.training.reference import FrozenReference
 
 BUNDLED = Path(posttrain.__file__).parent / "bundled" / "prefs_train.jsonl"
 UNHELPFUL = ["I do not know.", "No idea, sorry.", "Ask someone else.", "Maybe later."]
@@ -263,7 +264,7 @@ def double_models(tiny_model_dir: Path) -> tuple[nn.Module, nn.Module]:
 def make_task(model_dir: Path, data: Path, micro: int, reference: nn.Module) -> UnpairedTask:
     config = load(kto_config(model_dir, data, Path("unused"), micro_batch_size=micro))
     task = UnpairedTask(config, load_tokenizer(config.model), torch.device("cpu"))
-    task.references = {"train": FrozenUnpairedReference(reference, task.score)}
+    task.references = {"train": FrozenReference(reference, task.score)}
     return task
 
 

@@ -15,8 +15,8 @@ import posttrain
 from posttrain.config import LoraConfig, load
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.model.lora import adapters_off, apply_lora
-from posttrain.model.reference import FrozenReference, weights_digest
 from posttrain.training.pairs import PairTask
+from posttrain.training.reference import FrozenReference, weights_digest
 
 pytest.importorskip("peft")
 BUNDLED = Path(posttrain.__file__).parent / "bundled" / "prefs_train.jsonl"
@@ -36,7 +36,7 @@ def lora_config(model: Path, data: Path, out: Path, **extra: Any) -> dict[str, A
 
 def _pair_logps(task: PairTask, model: torch.nn.Module, records: list[Any], context: Any = None) -> torch.Tensor:
     ref = FrozenReference(model, task.score, context) if context else FrozenReference(model, task.score)
-    return torch.cat([ref.pair_logps(task.collate(records[i : i + 8])).chosen_logps for i in range(0, 16, 8)])
+    return torch.cat([ref.logps(task.collate(records[i : i + 8])).chosen_logps for i in range(0, 16, 8)])
 
 
 def test_adapter_disabled_reference_equals_frozen_copy(tiny_model_dir: Path, pairs_file: Path) -> None:

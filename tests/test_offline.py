@@ -23,10 +23,10 @@ import posttrain
 from posttrain.algorithms import ALGORITHMS, PreferenceAlgorithm
 from posttrain.config import load
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.model.reference import FrozenReference
 from posttrain.training import checkpoint
 from posttrain.training.metrics import MetricSums, read_metrics
 from posttrain.training.pairs import PairTask
+from posttrain.training.reference import FrozenReference
 
 
 @pytest.fixture(scope="module")

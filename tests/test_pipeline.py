@@ -19,10 +19,10 @@ from posttrain.cli import main, report_hint
 from posttrain.config import ConfigError, load
 from posttrain.data.formats import DataError
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.model.reference import compute_pair_logps
 from posttrain.pipeline import PipelineError, Stage, is_pipeline, run_pipeline, validate
 from posttrain.training.metrics import read_metrics
 from posttrain.training.pairs import PairTask
+from posttrain.training.reference import compute_pair_logps
 
 BUNDLED = Path(posttrain.__file__).parent / "bundled" / "prefs_train.jsonl"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smollm2_sft_dpo.yaml"
@@ -58,7 +58,8 @@ def mean_pair_logps(stage_dir: Path, model_dir: Path, data: Path) -> tuple[float
     task = PairTask(config, load_tokenizer(config.model), torch.device("cpu"))
     records, _ = task.load_records(str(data), "train")
     model = load_causal_lm(str(model_dir), trainable=False)
-    chosen, rejected = compute_pair_logps(task.score, model, records, task.tokenizer.pad_token_id, 8)
+    tables = compute_pair_logps(task.score, model, records, task.tokenizer.pad_token_id, 8)
+    chosen, rejected = tables["chosen"], tables["rejected"]
     return float(chosen.double().mean()), float(rejected.double().mean())
 
 

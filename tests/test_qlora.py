@@ -27,11 +27,11 @@ from posttrain.config import ConfigError, LoraConfig, load
 from posttrain.fixtures import build_model, build_tokenizer
 from posttrain.model import lora
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.model.reference import weights_digest
 from posttrain.rollout.generate import ScriptedGenerator
 from posttrain.training.metrics import read_metrics
 from posttrain.training.online import run_online
 from posttrain.training.pairs import PairTask
+from posttrain.training.reference import weights_digest
 
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")

@@ -20,16 +20,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from posttrain.data.collate import PairBatch, collate_pairs
 from posttrain.data.examples import PreferenceRecord
 from posttrain.fixtures import build_model
-from posttrain.model import reference
 from posttrain.model.logps import PairLogps, completion_logps
-from posttrain.model.reference import (
+from posttrain.training import reference
+from posttrain.training.reference import (
     CACHE_FORMAT,
     CachedReference,
     FrozenReference,
     NoReference,
-    cached_reference,
+    cached_tensors,
     compute_pair_logps,
     fingerprint,
+    read_pairs,
     weights_digest,
 )
 
@@ -141,9 +142,9 @@ class Compute:
         g = torch.Generator().manual_seed(seed)
         self.chosen, self.rejected = -10 * torch.rand(5, generator=g), -10 * torch.rand(5, generator=g)
 
-    def __call__(self) -> tuple[Tensor, Tensor]:
+    def __call__(self) -> dict[str, Tensor]:
         self.calls += 1
-        return self.chosen.clone(), self.rejected.clone()
+        return {"chosen": self.chosen.clone(), "rejected": self.rejected.clone()}
 
 
 def test_cached_reference_computes_once_then_reuses(tmp_path: Path) -> None:
@@ -151,22 +152,22 @@ def test_cached_reference_computes_once_then_reuses(tmp_path: Path) -> None:
     messages: list[str] = []
     compute = Compute()
 
-    first = cached_reference(cache_dir, "k1", compute, log=messages.append)
+    first = cached_tensors(cache_dir, "k1", compute, log=messages.append)
     assert compute.calls == 1
     assert sorted(p.name for p in cache_dir.iterdir()) == ["k1.safetensors"]  # no *.tmp* left behind
-    assert torch.equal(first.chosen, compute.chosen) and torch.equal(first.rejected, compute.rejected)
+    assert torch.equal(first["chosen"], compute.chosen) and torch.equal(first["rejected"], compute.rejected)
     with safe_open(str(cache_dir / "k1.safetensors"), "pt") as f:
         assert f.metadata() == {"format": CACHE_FORMAT}
 
-    again = cached_reference(cache_dir, "k1", compute, log=messages.append)
+    again = cached_tensors(cache_dir, "k1", compute, log=messages.append)
     assert compute.calls == 1, "the second call must load the file, not compute"
-    assert torch.equal(again.chosen, compute.chosen) and torch.equal(again.rejected, compute.rejected)
-    assert again.chosen.dtype == torch.float32
+    assert torch.equal(again["chosen"], compute.chosen) and torch.equal(again["rejected"], compute.rejected)
+    assert again["chosen"].dtype == torch.float32
     assert "computed" in messages[0] and "reused" in messages[1]
 
     other = Compute(seed=1)
-    recomputed = cached_reference(cache_dir, "k2", other, log=messages.append)
-    assert other.calls == 1 and torch.equal(recomputed.chosen, other.chosen)
+    recomputed = cached_tensors(cache_dir, "k2", other, log=messages.append)
+    assert other.calls == 1 and torch.equal(recomputed["chosen"], other.chosen)
     assert sorted(p.name for p in cache_dir.iterdir()) == ["k1.safetensors", "k2.safetensors"]
     assert compute.calls == 1
 
@@ -174,11 +175,11 @@ def test_cached_reference_computes_once_then_reuses(tmp_path: Path) -> None:
 def test_failed_compute_or_write_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash while computing or while writing never leaves a file under the final name."""
 
-    def crash() -> tuple[Tensor, Tensor]:
+    def crash() -> dict[str, Tensor]:
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        cached_reference(tmp_path, "k", crash, log=lambda _: None)
+        cached_tensors(tmp_path, "k", crash, log=lambda _: None)
     assert not (tmp_path / "k.safetensors").exists()
 
     def partial_write(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
@@ -187,12 +188,12 @@ def test_failed_compute_or_write_leaves_no_cache(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(reference, "save_file", partial_write)
     with pytest.raises(OSError, match="disk full"):
-        cached_reference(tmp_path, "k", Compute(), log=lambda _: None)
+        cached_tensors(tmp_path, "k", Compute(), log=lambda _: None)
     assert not (tmp_path / "k.safetensors").exists()
     monkeypatch.undo()
 
     compute = Compute()
-    cached_reference(tmp_path, "k", compute, log=lambda _: None)
+    cached_tensors(tmp_path, "k", compute, log=lambda _: None)
     assert compute.calls == 1 and (tmp_path / "k.safetensors").exists()
 
 
@@ -208,8 +209,8 @@ def test_compute_pair_logps_does_not_depend_on_batching(
     The sums are -7 to -82 nats; the largest difference observed is 7.6e-6, one fp32 ulp at 82. The
     tolerance (1e-5 + 1e-6 relative: ~10 ulp) is far below the gap between any two pairs' values.
     """
-    one = compute_pair_logps(score, model, records, pad_id, batch_size=1)
-    four = compute_pair_logps(score, model, records, pad_id, batch_size=4)
+    one = tuple(compute_pair_logps(score, model, records, pad_id, batch_size=1).values())  # (chosen, rejected)
+    four = tuple(compute_pair_logps(score, model, records, pad_id, batch_size=4).values())
     for a, b in zip(one, four, strict=True):
         assert a.shape == (len(records),) and a.dtype == torch.float32 and not a.requires_grad
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-5)
@@ -224,13 +225,18 @@ def test_compute_pair_logps_does_not_depend_on_batching(
 def test_cached_reference_returns_the_computed_logps_by_index(
     tmp_path: Path, model: PreTrainedModel, records: list[PreferenceRecord], pad_id: int
 ) -> None:
-    chosen, rejected = compute_pair_logps(score, model, records, pad_id, batch_size=4)
-    stored = cached_reference(tmp_path, "key", lambda: (chosen, rejected), log=lambda _: None)
-    loaded = cached_reference(tmp_path, "key", lambda: pytest.fail("must not recompute"), log=lambda _: None)
+    tables = compute_pair_logps(score, model, records, pad_id, batch_size=4)
+    chosen, rejected = tables["chosen"], tables["rejected"]
+    stored = CachedReference(cached_tensors(tmp_path, "key", lambda: tables, log=lambda _: None), read_pairs)
+
+    def fail() -> dict[str, Tensor]:
+        pytest.fail("must not recompute")
+
+    loaded = CachedReference(cached_tensors(tmp_path, "key", fail, log=lambda _: None), read_pairs)
     picked = [records[4], records[1], records[3]]
     batch = collate_pairs(picked, pad_id)
     for ref in (stored, loaded):
-        out = ref.pair_logps(batch)
+        out = ref.logps(batch)
         assert torch.equal(out.chosen_logps, chosen[[4, 1, 3]])
         assert torch.equal(out.rejected_logps, rejected[[4, 1, 3]])
         assert out.chosen_lengths.tolist() == [len(r.chosen_ids) for r in picked]
@@ -245,13 +251,13 @@ def test_frozen_reference_equals_scoring_and_carries_no_grad(
     batch = collate_pairs(records[:4], pad_id)
     expected = score(model, batch)
     assert expected.chosen_logps.requires_grad  # grad is on here, so "no grad" below is FrozenReference's doing
-    out = FrozenReference(model, score).pair_logps(batch)
+    out = FrozenReference(model, score).logps(batch)
     for name in ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths"):
         got, want = getattr(out, name), getattr(expected, name)
         assert not got.requires_grad and got.grad_fn is None
         torch.testing.assert_close(got, want.detach(), rtol=0.0, atol=0.0)
     assert out.chosen_lengths.tolist() == [len(r.chosen_ids) for r in records[:4]]
-    assert NoReference().pair_logps(batch) is None
+    assert NoReference().logps(batch) is None
 
 
 def test_weights_digest_covers_the_architecture_settings() -> None:

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.examples import PreferenceRecord
-from posttrain.model.logps import sequence_counts
-from posttrain.model.spans import Spans
+from posttrain.packing import Spans, sequence_counts
 
 LAYOUTS = ("padded", "packed", "shared_prefix")
 

@@ -21,7 +21,7 @@ from posttrain.data.collate import pad_rows
 from posttrain.data.examples import Conversation
 from posttrain.data.formats import DataError, _Row, preference_example, read_rows
 from posttrain.data.tokenize import Renderer, TruncationStats
-from posttrain.model.spans import Spans
+from posttrain.packing import Spans
 
 
 @dataclass(frozen=True)

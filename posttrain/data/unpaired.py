@@ -34,8 +34,7 @@ from posttrain.data.collate import pack_units, pad_completions
 from posttrain.data.examples import UnpairedExample, UnpairedRecord
 from posttrain.data.formats import DataError, _Row, preference_example, read_rows
 from posttrain.data.tokenize import Renderer, TruncationStats, truncate
-from posttrain.model.logps import sequence_counts
-from posttrain.model.spans import Spans
+from posttrain.packing import Spans, sequence_counts
 
 
 def _label(r: _Row) -> bool:

@@ -26,17 +26,7 @@ from posttrain.host import host_values
 from posttrain.model.lora import base_model
 from posttrain.model.masks import causal_padding_mask
 from posttrain.model.spans import SpanBatch, Spans, span_attention
-
-
-def sequence_counts(loss_mask: Tensor, sequence: Tensor | None, num_sequences: int) -> Tensor:
-    """Completion tokens of each sequence: row sums when padded, per ``sequence`` id when packed."""
-    if sequence is None:
-        return loss_mask.sum(-1)
-    # index_add into a fixed size: no device read (bincount and boolean indexing both size their output
-    # from the data, a synchronisation on a GPU).
-    at = (loss_mask.bool() & (sequence >= 0)).reshape(-1)
-    out = torch.zeros((num_sequences,), dtype=torch.long, device=sequence.device)
-    return out.index_add(0, sequence.clamp(min=0).reshape(-1), at.long())
+from posttrain.packing import sequence_counts
 
 
 @dataclass(frozen=True)

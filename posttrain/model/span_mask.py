@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Block = tuple[Tensor | tuple[int, int], int]
+from posttrain.packing import Block
 
 
 @dataclass(frozen=True)

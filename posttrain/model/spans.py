@@ -28,7 +28,7 @@ loops run each backward of a span layout inside :func:`span_attention` as well (
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posttrain.model.lora import base_model
-from posttrain.model.span_mask import Block, SpanBatch
+from posttrain.model.span_mask import SpanBatch
+from posttrain.packing import Spans
 
 SPAN_ATTENTION = "posttrain_spans"
 SPAN_LAYOUTS = ("packed", "shared_prefix")
@@ -45,10 +46,6 @@ SPAN_KERNELS = ("auto", "loop", "mask")
 """How span attention runs (config key ``span_attention``): ``loop``, one causal call per block (the fastest on
 a CPU); ``mask``, one call per layer with the blocks as a mask (FlexAttention on CUDA, see span_mask.py);
 ``auto``, ``mask`` on CUDA and ``loop`` elsewhere."""
-
-RowSpans = Sequence[Block]
-Spans = Sequence[RowSpans]
-"""Per row of a batch, its blocks in row order."""
 
 _BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 """Implementations whose attention is plain softmax(QK^T * scaling) V, what span attention computes."""

@@ -16,9 +16,8 @@ both the matched and the mismatched pairs, computed once and cached on disk (``c
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,67 +31,14 @@ from posttrain.data.unpaired import UnpairedBatch, collate_unpaired, load_unpair
 from posttrain.losses import aggregate
 from posttrain.model.load import evaluation_mode
 from posttrain.training.metrics import MetricSums
+from posttrain.training.reference import (
+    CachedReference,
+    FrozenReference,
+    Reference,
+    compute_unpaired_logps,
+    read_unpaired,
+)
 from posttrain.training.task import Counts, OfflineTask
-
-Score = Callable[[nn.Module, UnpairedBatch], Tensor]
-
-
-class UnpairedReference(Protocol):
-    def logps(self, batch: UnpairedBatch) -> Tensor:
-        """(B,) reference summed log-probs of the batch's rows (own completions, or partners' with ``kl``)."""
-        ...
-
-
-class FrozenUnpairedReference:
-    """A frozen model scored under ``torch.no_grad`` every step, inside ``context`` (LoRA: adapters off)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        score: Score,
-        context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    ) -> None:
-        self.model = model
-        self.score = score
-        self.context = context
-
-    def logps(self, batch: UnpairedBatch) -> Tensor:
-        with torch.no_grad(), evaluation_mode(self.model), self.context():
-            return self.score(self.model, batch).detach()
-
-
-class CachedUnpairedReference:
-    """Precomputed per-record reference log-probs, looked up by the batch's data set indices."""
-
-    def __init__(self, completion: Tensor, kl: Tensor) -> None:
-        self.completion = completion  # (N,) float32: prompt_i + completion_i
-        self.kl = kl  # (N,) float32: prompt_i + completion_partner(i)
-
-    def to(self, device: torch.device) -> CachedUnpairedReference:
-        return CachedUnpairedReference(self.completion.to(device), self.kl.to(device))
-
-    def logps(self, batch: UnpairedBatch) -> Tensor:
-        table = self.kl if batch.kl else self.completion
-        return table[batch.index.to(table.device)]
-
-
-def compute_unpaired_logps(
-    score: Score,
-    model: nn.Module,
-    records: Sequence[UnpairedRecord],
-    pad_id: int,
-    batch_size: int,
-    layout: str = "padded",
-) -> dict[str, Tensor]:
-    """One no-grad pass: ``completion`` and ``kl`` summed log-probs, each (N,) float32 in ``records`` order."""
-    out = {"completion": torch.empty(len(records)), "kl": torch.empty(len(records))}
-    starts = range(0, len(records), batch_size)
-    with torch.no_grad():
-        for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
-            for name in out:
-                batch = collate_unpaired(records[start : start + batch_size], pad_id, name == "kl", layout)
-                out[name][start : start + len(batch)] = score(model, batch).float().cpu()  # by position
-    return out
 
 
 def class_means(figures: dict[str, float]) -> dict[str, float]:
@@ -160,7 +106,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.references: dict[str, UnpairedReference] = {}
+        self.references: dict[str, Reference[UnpairedBatch, Tensor]] = {}
         self._guided = False
 
     # ---- data
@@ -196,7 +142,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         config = self.config
         if config.reference.kind == "copy":
             model, context = self.reference_model(policy, resumed, for_copy=True)
-            self.references = {name: FrozenUnpairedReference(model, self.score, context) for name in splits}
+            self.references = {name: FrozenReference(model, self.score, context) for name in splits}
             return
         micro = config.micro_batch_size or config.batch_size
         pad_id = self.tokenizer.pad_token_id
@@ -206,7 +152,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
 
         # The fingerprint covers the partners' completions too (they are token fields of the records).
         tables = self.cached_reference_tables(policy, splits, resumed, compute)
-        self.references = {name: CachedUnpairedReference(t["completion"], t["kl"]) for name, t in tables.items()}
+        self.references = {name: CachedReference(t, read_unpaired) for name, t in tables.items()}
 
     def step_context(self, model: nn.Module, records: Sequence[UnpairedRecord], split: str) -> Tensor:
         """The KL baseline ``z0`` of the global batch ``records``: a detached 0-dim float64 tensor, >= 0.

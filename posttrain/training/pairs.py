@@ -14,14 +14,15 @@ from posttrain.data.formats import load_preference
 from posttrain.data.tokenize import TruncationStats, tokenize_preferences
 from posttrain.losses import aggregate
 from posttrain.model.logps import PairLogps
-from posttrain.model.reference import (
+from posttrain.training.metrics import MetricSums
+from posttrain.training.reference import (
     CachedReference,
     FrozenReference,
     NoReference,
     Reference,
     compute_pair_logps,
+    read_pairs,
 )
-from posttrain.training.metrics import MetricSums
 from posttrain.training.task import Counts, OfflineTask
 
 
@@ -50,7 +51,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.references: dict[str, Reference] = {}
+        self.references: dict[str, Reference[PairBatch, PairLogps | None]] = {}
 
     def load_records(self, source: str, split: str) -> tuple[list[PreferenceRecord], TruncationStats]:
         return load_pair_records(self, source, split)
@@ -79,11 +80,10 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
         pad_id = self.tokenizer.pad_token_id
 
         def compute(model: nn.Module, records: list[PreferenceRecord]) -> dict[str, Tensor]:
-            chosen, rejected = compute_pair_logps(self.score, model, records, pad_id, micro, self.layout)
-            return {"chosen": chosen, "rejected": rejected}
+            return compute_pair_logps(self.score, model, records, pad_id, micro, self.layout)
 
         tables = self.cached_reference_tables(policy, splits, resumed, compute)
-        self.references = {name: CachedReference(t["chosen"], t["rejected"]) for name, t in tables.items()}
+        self.references = {name: CachedReference(t, read_pairs) for name, t in tables.items()}
 
     def loss(
         self,
@@ -95,7 +95,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
         context: Any,
         at_start: bool = False,
     ) -> Tensor:
-        ref = self.references[split].pair_logps(batch)
+        ref = self.references[split].logps(batch)
         # Before the first step the policy has the reference's weights: its log-probs are the reference's.
         policy_is_ref = at_start and ref is not None and self.config.reference.model is None
         policy = ref if policy_is_ref and ref is not None else self.score(model, batch)

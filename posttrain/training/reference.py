@@ -1,13 +1,17 @@
-"""Reference log-probs for the DPO family: a frozen copy, a disk cache, or none.
+"""Reference log-probs for the offline methods, pairs (the DPO family) and unpaired rows (KTO) alike.
+
+A reference is a frozen model scored every step (``reference.kind: copy``; with LoRA, the policy itself with
+its adapters off), per-record log-probs computed once and cached on disk (``cached``), or none. The classes
+are the same for both kinds of records; what differs is how a batch is scored (the task's ``score``: a pair's
+chosen and rejected sums, or a row's sum) and so which tables a cache holds and how a batch reads them:
+``chosen``/``rejected`` per pair (:func:`read_pairs`), ``completion``/``kl`` per unpaired row, ``kl`` being
+its prompt with its KL partner's completion (:func:`read_unpaired`).
 
 The cache is keyed by a fingerprint of everything that determines the numbers: the reference weights
 (every tensor's name, dtype, shape and bytes), the token ids of the data (which already encode the data
 file, the tokenizer, the chat template and the truncation settings), the precision and a format version.
 Any change recomputes; an identical rerun, a later epoch or a resumed run reuses the file. Files are
 written to a temporary name and renamed, so a killed run never leaves a half-written cache.
-
-The digest and the cache (``fingerprint``, ``cached_tensors``) take any record type; KTO's task
-(``posttrain.training.kto``) caches its own and its mismatched pairs' log-probs through them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,25 +32,40 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from posttrain.data.collate import PairBatch, collate_pairs
-from posttrain.data.examples import PreferenceRecord
+from posttrain.data.examples import PreferenceRecord, UnpairedRecord
+from posttrain.data.unpaired import UnpairedBatch, collate_unpaired
 from posttrain.model.load import evaluation_mode
 from posttrain.model.logps import PairLogps
 
 CACHE_FORMAT = "posttrain-reference-logps-v1"
 
+B = TypeVar("B")  # a batch: PairBatch or UnpairedBatch
+B_in = TypeVar("B_in", contravariant=True)
+L_out = TypeVar("L_out", covariant=True)
+R = TypeVar("R")  # a record: PreferenceRecord or UnpairedRecord
 
-class Reference(Protocol):
-    def pair_logps(self, batch: PairBatch) -> PairLogps | None:
-        """Reference summed log-probs and lengths of the batch's pairs, or None without a reference."""
+
+class _Detachable(Protocol):
+    def detach(self: D) -> D: ...
+
+
+D = TypeVar("D", bound=_Detachable)  # what a score returns: PairLogps, or a (B,) Tensor
+L = TypeVar("L")
+
+
+class Reference(Protocol[B_in, L_out]):
+    def logps(self, batch: B_in) -> L_out:
+        """Reference summed log-probs of the batch (a pair's ``PairLogps``, a row's (B,) sums), or None
+        without a reference."""
         ...
 
 
 class NoReference:
-    def pair_logps(self, batch: PairBatch) -> PairLogps | None:
+    def logps(self, batch: object) -> None:
         return None
 
 
-class FrozenReference:
+class FrozenReference(Generic[B, D]):
     """A frozen model scored under ``torch.no_grad`` every step.
 
     ``context`` (optional) wraps each scoring: with LoRA the reference is the policy itself under
@@ -56,34 +75,48 @@ class FrozenReference:
     def __init__(
         self,
         model: nn.Module,
-        score: Callable[[nn.Module, PairBatch], PairLogps],
+        score: Callable[[nn.Module, B], D],
         context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.model = model
         self.score = score
         self.context = context
 
-    def pair_logps(self, batch: PairBatch) -> PairLogps:
+    def logps(self, batch: B) -> D:
         with torch.no_grad(), evaluation_mode(self.model), self.context():
             return self.score(self.model, batch).detach()
 
 
-class CachedReference:
-    """Precomputed per-pair reference log-probs, looked up by the batch's data set indices."""
+class CachedReference(Generic[B, L]):
+    """Precomputed per-record reference log-probs (named (N,) float32 tables), looked up by the batch's data
+    set indices through ``read`` (:func:`read_pairs`, :func:`read_unpaired`)."""
 
-    def __init__(self, chosen: Tensor, rejected: Tensor) -> None:
-        self.chosen = chosen  # (N,) float32
-        self.rejected = rejected
+    def __init__(self, tables: dict[str, Tensor], read: Callable[[dict[str, Tensor], B], L]) -> None:
+        self.tables = tables
+        self.read = read
 
-    def to(self, device: torch.device) -> CachedReference:
-        return CachedReference(self.chosen.to(device), self.rejected.to(device))
+    def to(self, device: torch.device) -> CachedReference[B, L]:
+        return CachedReference({k: t.to(device) for k, t in self.tables.items()}, self.read)
 
-    def pair_logps(self, batch: PairBatch) -> PairLogps:
-        device = self.chosen.device
-        counts = batch.completion_counts().to(device)
-        n = batch.num_pairs
-        i = batch.index.to(device)
-        return PairLogps(self.chosen[i], self.rejected[i], counts[:n], counts[n:])
+    def logps(self, batch: B) -> L:
+        return self.read(self.tables, batch)
+
+
+def read_pairs(tables: dict[str, Tensor], batch: PairBatch) -> PairLogps:
+    """The batch's pairs from the ``chosen`` and ``rejected`` tables, with their completion lengths."""
+    chosen, rejected = tables["chosen"], tables["rejected"]
+    device = chosen.device
+    counts = batch.completion_counts().to(device)
+    n = batch.num_pairs
+    i = batch.index.to(device)
+    return PairLogps(chosen[i], rejected[i], counts[:n], counts[n:])
+
+
+def read_unpaired(tables: dict[str, Tensor], batch: UnpairedBatch) -> Tensor:
+    """(B,) the batch's rows from ``completion`` (prompt_i + completion_i) or, for a ``kl`` batch, from ``kl``
+    (prompt_i + completion_partner(i))."""
+    table = tables["kl"] if batch.kl else tables["completion"]
+    return table[batch.index.to(table.device)]
 
 
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
@@ -140,6 +173,25 @@ def fingerprint(weights: str, records: Sequence[Any], precision: str) -> str:
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
+def reference_pass(
+    records: Sequence[R],
+    batch_size: int,
+    names: Sequence[str],
+    score_chunk: Callable[[Sequence[R]], dict[str, Tensor]],
+) -> dict[str, Tensor]:
+    """One no-grad pass over ``records`` in chunks of ``batch_size``: each named table (N,) float32, in
+    ``records`` order, from ``score_chunk``'s (n,) log-probs of each chunk."""
+    out = {name: torch.empty(len(records)) for name in names}
+    starts = range(0, len(records), batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
+            chunk = records[start : start + batch_size]
+            for name, values in score_chunk(chunk).items():
+                # By position in ``records`` (a process's share of a split starts anywhere in it).
+                out[name][start : start + len(chunk)] = values.float().cpu()
+    return out
+
+
 def compute_pair_logps(
     score: Callable[[nn.Module, PairBatch], PairLogps],
     model: nn.Module,
@@ -147,20 +199,33 @@ def compute_pair_logps(
     pad_id: int,
     batch_size: int,
     layout: str = "padded",
-) -> tuple[Tensor, Tensor]:
-    """One no-grad pass over ``records``: (chosen, rejected) summed log-probs, each (N,) in ``records`` order,
-    in batches of ``batch_size`` pairs laid out in ``layout``."""
-    chosen = torch.empty(len(records))
-    rejected = torch.empty(len(records))
-    starts = range(0, len(records), batch_size)
-    with torch.no_grad():
-        for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False, dynamic_ncols=True):
-            batch = collate_pairs(records[start : start + batch_size], pad_id, layout)
-            out = score(model, batch)
-            # By position in ``records`` (a process's share of a split starts anywhere in it).
-            chosen[start : start + batch.num_pairs] = out.chosen_logps.float().cpu()
-            rejected[start : start + batch.num_pairs] = out.rejected_logps.float().cpu()
-    return chosen, rejected
+) -> dict[str, Tensor]:
+    """``chosen`` and ``rejected`` summed log-probs, each (N,), in batches of ``batch_size`` pairs laid out in
+    ``layout`` (one concatenated forward per batch)."""
+
+    def chunk(part: Sequence[PreferenceRecord]) -> dict[str, Tensor]:
+        out = score(model, collate_pairs(part, pad_id, layout))
+        return {"chosen": out.chosen_logps, "rejected": out.rejected_logps}
+
+    return reference_pass(records, batch_size, ("chosen", "rejected"), chunk)
+
+
+def compute_unpaired_logps(
+    score: Callable[[nn.Module, UnpairedBatch], Tensor],
+    model: nn.Module,
+    records: Sequence[UnpairedRecord],
+    pad_id: int,
+    batch_size: int,
+    layout: str = "padded",
+) -> dict[str, Tensor]:
+    """``completion`` and ``kl`` summed log-probs, each (N,): two batches per chunk (own completions, then
+    the KL partners')."""
+
+    def chunk(part: Sequence[UnpairedRecord]) -> dict[str, Tensor]:
+        names = ("completion", "kl")
+        return {name: score(model, collate_unpaired(part, pad_id, name == "kl", layout)) for name in names}
+
+    return reference_pass(records, batch_size, ("completion", "kl"), chunk)
 
 
 def cache_path(cache_dir: Path, key: str) -> Path:
@@ -190,19 +255,3 @@ def cached_tensors(
     os.replace(tmp, path)
     log(f"reference log-probs: computed and cached at {path}")
     return tensors
-
-
-def cached_reference(
-    cache_dir: Path,
-    key: str,
-    compute: Callable[[], tuple[Tensor, Tensor]],
-    log: Callable[[str], None] = print,
-) -> CachedReference:
-    """Load the cache file for ``key`` or compute and store it (pairs: chosen and rejected log-probs)."""
-
-    def named() -> dict[str, Tensor]:
-        chosen, rejected = compute()
-        return {"chosen": chosen, "rejected": rejected}
-
-    tensors = cached_tensors(cache_dir, key, named, log)
-    return CachedReference(tensors["chosen"], tensors["rejected"])

@@ -42,8 +42,8 @@ from torch import nn
 from posttrain import distributed
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.formats import DataError
-from posttrain.model.reference import records_digest, weights_digest
 from posttrain.training import checkpoint
+from posttrain.training.reference import records_digest, weights_digest
 from posttrain.training.runlock import LOCK_FILE, Lock, alive, covered, log, read_json, write_json
 
 STATE_FILE = "run_state.json"

@@ -29,9 +29,9 @@ from posttrain.model import embedded
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm
 from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.model.lora import adapters_off, four_bit, is_lora
-from posttrain.model.reference import cache_path, cached_tensors, fingerprint, weights_digest
 from posttrain.model.spans import resolve_layout
 from posttrain.training.metrics import MetricSums
+from posttrain.training.reference import cache_path, cached_tensors, fingerprint, weights_digest
 
 R = TypeVar("R")
 B = TypeVar("B")
