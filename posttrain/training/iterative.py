@@ -23,15 +23,15 @@ from tqdm import tqdm
 from posttrain import determinism, distributed
 from posttrain.algorithms.online import IterativeDPO
 from posttrain.config import ConfigError, TrainConfig
-from posttrain.data.prompts import PromptRecord, load_prompts, repeat_columns
+from posttrain.data.prompts import PromptRecord, load_prompts
 from posttrain.data.tokenize import Renderer
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.report.card import write_card
-from posttrain.rollout.generate import Generator, Rollout, SamplingParams, shard_seed
+from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training import memory, rundir
 from posttrain.training.offline import RunResult, run
-from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards
+from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards, sample_all
 
 
 def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -> dict[str, Any]:
@@ -57,28 +57,6 @@ def round_prompts(prompts: list[PromptRecord], k: int | None, seed: int, round_n
         return prompts
     g = torch.Generator().manual_seed(seed * 1_000_003 + round_number)
     return [prompts[i] for i in sorted(torch.randperm(len(prompts), generator=g)[:k].tolist())]
-
-
-def sample_and_score(
-    generator: Generator, reward_fn: Any, prompts: list[PromptRecord], n: int, params: SamplingParams, seed: int
-) -> tuple[Rollout, list[float]]:
-    """``n`` samples per prompt and their rewards: each process samples and scores its share of the prompts
-    (seeded with :func:`shard_seed`), the shares gathered in prompt order."""
-    mine = distributed.shard(len(prompts))
-    local: tuple[Rollout, list[float]] | None = None
-    if mine.stop > mine.start:
-        share = prompts[mine]
-        rollout = generator.generate([p.prompt_ids for p in share], n, params, shard_seed(seed, mine.start))
-        texts = [p.text for p in share for _ in range(n)]
-        lengths = [len(c) for c in rollout.completion_ids]
-        columns = repeat_columns(share, n)
-        local = rollout, reward_fn(texts, rollout.texts, completion_lengths=lengths, truncated=rollout.truncated,
-                                   **columns)  # fmt: skip
-    parts = [p for p in distributed.all_gather_objects(local) if p is not None]
-    return Rollout(
-        [c for r, _ in parts for c in r.completion_ids], [t for r, _ in parts for t in r.texts],
-        [t for r, _ in parts for t in r.truncated],
-    ), [x for _, sc in parts for x in sc]  # fmt: skip
 
 
 def run_iterative(
@@ -122,14 +100,15 @@ def _rounds(
         generator = make_generator(policy, tokenizer)
         heldout = heldout_figures(generator, reward_fn, eval_prompts, config, pad_id) if eval_prompts else {}
         n = alg.num_generations
-        rollout, scores = sample_and_score(generator, reward_fn, prompts, n, params, config.seed + r)
-        del generator, policy
+        # The online methods' sampler: each process samples and scores its share, the shares gathered.
+        samples = sample_all(generator, reward_fn, prompts, n, params, config.seed + r, pad_id, False)
+        texts, scores = samples.texts, samples.rewards.tolist()
+        del generator, policy, samples
         # 2. Best against worst; ties dropped. Saved as a preference data set (reusable offline).
         # A pair whose texts are empty or decode identically carries no preference the data checks accept.
         pairs = [
             p for p in best_worst_pairs(scores, n, alg.tie_threshold)
-            if rollout.texts[p.chosen].strip() and rollout.texts[p.rejected].strip()
-            and rollout.texts[p.chosen] != rollout.texts[p.rejected]
+            if texts[p.chosen].strip() and texts[p.rejected].strip() and texts[p.chosen] != texts[p.rejected]
         ]  # fmt: skip
         round_dir = output_dir / f"round-{r}"
         pairs_file = round_dir / "pairs.jsonl"
@@ -137,8 +116,8 @@ def _rounds(
             round_dir.mkdir(parents=True)
             with pairs_file.open("w", encoding="utf-8") as f:
                 for pair in pairs:
-                    row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": rollout.texts[pair.chosen],
-                           "rejected": rollout.texts[pair.rejected], "score_chosen": scores[pair.chosen],
+                    row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": texts[pair.chosen],
+                           "rejected": texts[pair.rejected], "score_chosen": scores[pair.chosen],
                            "score_rejected": scores[pair.rejected]}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
         distributed.barrier()

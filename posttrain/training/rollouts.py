@@ -41,6 +41,7 @@ class Samples:
     per_reward: dict[str, Tensor]
     lengths: Tensor  # (N,) completion tokens
     truncated: Tensor  # (N,) bool
+    texts: tuple[str, ...] = ()  # (N,) the decoded completions (iterative DPO saves them as pairs)
 
     def rows(self, rows: slice | Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``(input_ids, attention_mask, loss_mask)`` of some rows, on ``device``."""
@@ -147,16 +148,17 @@ def sample(
     return Samples(
         input_ids, attention_mask, loss_mask, torch.tensor(scores.total, dtype=torch.float64),
         {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.per_reward.items()},
-        torch.tensor(lengths, dtype=torch.float64), truncated,
+        torch.tensor(lengths, dtype=torch.float64), truncated, tuple(rollout.texts),
     )  # fmt: skip
 
 
 def select_groups(s: Samples, groups: Tensor, n: int) -> Samples:
     """The samples of the groups (prompts) where ``groups`` (P,) is True."""
     rows = groups.repeat_interleave(n)
+    texts = tuple(t for t, keep in zip(s.texts, host_values(rows), strict=True) if keep) if s.texts else ()
     return Samples(
         s.input_ids[rows], s.attention_mask[rows], s.loss_mask[rows], s.rewards[rows],
-        {k: v[rows] for k, v in s.per_reward.items()}, s.lengths[rows], s.truncated[rows],
+        {k: v[rows] for k, v in s.per_reward.items()}, s.lengths[rows], s.truncated[rows], texts,
     )  # fmt: skip
 
 
@@ -173,7 +175,7 @@ def concat_samples(a: Samples, b: Samples, pad_id: int) -> Samples:
         torch.cat([pad(a.loss_mask, False), pad(b.loss_mask, False)]),
         torch.cat([a.rewards, b.rewards]),
         {k: torch.cat([a.per_reward[k], b.per_reward[k]]) for k in a.per_reward},
-        torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]),
+        torch.cat([a.lengths, b.lengths]), torch.cat([a.truncated, b.truncated]), a.texts + b.texts,
     )  # fmt: skip
 
 
