@@ -192,6 +192,11 @@ class PPO(OnlineAlgorithm):
     """A value head on the policy's own trunk instead of a separate critic model (one model less)."""
     critic_learning_rate: float | None = None
     """The critic's learning rate; null = the policy's."""
+    critic_warmup_steps: int = 0
+    """The first this many steps (rollouts) train the critic alone: sampled, scored and given GAE targets as
+    usual, with the value loss only; the policy's weights, its AdamW state and ``beta`` do not move (its lr
+    schedule does count them). Counted in ``max_steps``: keep it smaller (not checked here, where
+    ``max_steps`` is not known; a run of warm-up alone never trains the policy)."""
 
     def __post_init__(self) -> None:
         check(self.num_generations >= 1, "num_generations", f"must be >= 1, got {self.num_generations}")
@@ -209,6 +214,8 @@ class PPO(OnlineAlgorithm):
         check(tk is None or tk > 0, "target_kl", f"must be > 0 or null, got {tk}")
         clr = self.critic_learning_rate
         check(clr is None or clr > 0, "critic_learning_rate", f"must be > 0 or null, got {clr}")
+        cws = self.critic_warmup_steps
+        check(cws >= 0, "critic_warmup_steps", f"must be >= 0, got {cws}")
         check(
             not (self.share_trunk and self.critic_model),
             "critic_model",

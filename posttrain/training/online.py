@@ -247,6 +247,7 @@ def _train_online(
 
     for step in range(start, total):
         t0 = time.perf_counter()
+        method.begin_step(step)  # (PPO's critic warm-up: which steps train the critic alone)
         batch = [prompts[i] for i in batch_indices(step, len(prompts), config.batch_size, config.seed)]
         draw_seed = config.seed * 1_000_003 + step
         # Each process samples its share of the prompts (whole groups); all of them get the whole rollout.

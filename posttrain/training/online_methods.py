@@ -25,7 +25,7 @@ from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_cli
 from posttrain.model.logps import TokenLogps
 from posttrain.model.value import SharedCritic, critic_source, load_critic
 from posttrain.rollout.advantages import adaptive_kl_coef, group_advantages, rloo_advantages
-from posttrain.training.ppo import PPOTargets, ppo_figures, ppo_loss, ppo_targets
+from posttrain.training.ppo import PPOTargets, critic_warmup_loss, ppo_figures, ppo_loss, ppo_targets
 from posttrain.training.rollouts import Samples
 
 Counts = dict[str, int]
@@ -58,6 +58,9 @@ class OnlineMethod:
     dynamic_sampling = False
     """Refill the batch with fresh prompts in place of groups whose rewards all tie (DAPO)."""
     max_resample = 0
+
+    def begin_step(self, step: int) -> None:
+        """Called as step ``step`` (0-based; a resumed run starts at its checkpoint's) begins, before sampling."""
 
     def needs_old(self, reference: bool) -> bool:
         """Whether the old policy's log-probs are scored before the passes (``reference``: a reference is)."""
@@ -148,9 +151,24 @@ class RLOOMethod(OnlineMethod):
 
 
 class PPOMethod(OnlineMethod):
-    """PPO: a critic, per-token rewards with the KL penalty, GAE, epochs over shuffled minibatches."""
+    """PPO: a critic, per-token rewards with the KL penalty, GAE, epochs over shuffled minibatches.
+
+    The first ``critic_warmup_steps`` steps train the critic alone (:meth:`loss`): the policy gets no
+    gradient, so AdamW skips its parameters (no update, no weight decay, no moments: its first real step is
+    AdamW's step 1), and the adaptive KL controller holds ``beta``. The policy's lr schedule still advances
+    (run_online steps every schedule), so ``max_steps`` and ``warmup_ratio`` count the warm-up steps.
+    """
 
     alg: PPO
+
+    def __init__(self, alg: PPO, config: TrainConfig) -> None:
+        super().__init__(alg, config)
+        self.critic: nn.Module | None = None  # (kept for a shared head's warm-up values)
+        self.warming_up = alg.critic_warmup_steps > 0
+
+    def begin_step(self, step: int) -> None:
+        # From the loop's step counter, which a resumed run restores: a resume mid-warm-up stays in it.
+        self.warming_up = step < self.alg.critic_warmup_steps
 
     @property
     def passes(self) -> int:  # type: ignore[override]
@@ -169,10 +187,12 @@ class PPOMethod(OnlineMethod):
         """A value head on the policy's trunk, or a model of its own."""
         if self.alg.share_trunk:
             hidden = int(policy.config.get_text_config().hidden_size)  # type: ignore[union-attr,operator]
-            return SharedCritic(hidden).to(device), None
+            self.critic = SharedCritic(hidden).to(device)
+            return self.critic, None
         source = critic_source(self.alg.critic_model, self.config.rewards, self.config.model)
         critic = load_critic(source, tokenizer, gradient_checkpointing=self.config.gradient_checkpointing)
-        return critic.to(device), lambda: load_critic(source, tokenizer)  # (rebuilt for saving under fsdp2)
+        self.critic = critic.to(device)
+        return self.critic, lambda: load_critic(source, tokenizer)  # (rebuilt for saving under fsdp2)
 
     def critic_learning_rate(self) -> float:
         return self.alg.critic_learning_rate or self.config.lr
@@ -190,19 +210,29 @@ class PPOMethod(OnlineMethod):
         self, cur: TokenLogps, rows: Tensor, t: Targets, counts: Counts, values: Tensor | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         assert t.ppo is not None and t.old is not None and values is not None
-        return ppo_loss(self.alg, cur, t.old[rows], values, t.ppo, rows.to(cur.logps.device), counts["tokens"])
+        rows_here = rows.to(cur.logps.device)
+        if self.warming_up:  # the critic alone: no policy term, so no policy gradient
+            if isinstance(self.critic, SharedCritic):  # the head on the trunk's detached states: the trunk stays
+                assert cur.hidden is not None
+                values = self.critic(cur.hidden.detach(), cur.mask)
+            return critic_warmup_loss(self.alg, cur.mask, values, t.ppo, rows_here, counts["tokens"])
+        return ppo_loss(self.alg, cur, t.old[rows], values, t.ppo, rows_here, counts["tokens"])
 
     def keep_passing(self, approx_kl: Tensor, pass_tokens: Tensor) -> bool:
-        if self.alg.target_kl is None:
+        if self.alg.target_kl is None or self.warming_up:  # (warming up: the policy does not move)
             return True
         moved, moved_tokens = distributed.sum_floats([float(approx_kl), float(pass_tokens)])  # (this option only)
         return moved / max(1, moved_tokens) <= self.alg.target_kl  # else far enough from the sampling policy
 
     def add_figures(self, figures: dict[str, Any], sums: dict[str, float], tokens: int, passes_done: int) -> None:
         figures["beta"] = self.kl_coef
-        figures.update(value_loss=sums["value_loss"], policy_loss=sums["policy_loss"], epochs=passes_done,
+        figures.update(value_loss=sums["value_loss"], epochs=passes_done,
                        value_clip_frac=sums["value_clipped_tokens"] / tokens)  # fmt: skip
-        if self.alg.adaptive_kl:
+        if self.alg.critic_warmup_steps:
+            figures["critic_warmup"] = int(self.warming_up)
+        if not self.warming_up:
+            figures["policy_loss"] = sums["policy_loss"]
+        if self.alg.adaptive_kl and not self.warming_up:  # (warming up: the KL cannot move, beta holds)
             alg = self.alg
             self.kl_coef = adaptive_kl_coef(self.kl_coef, float(figures["kl_ref"]), alg.kl_target, alg.kl_gain)
 

@@ -73,16 +73,31 @@ def ppo_loss(
     adv = t.advantages[rows].to(cur.logps.device, dtype)
     out = ppo_clip(policy_logps=cur.logps, old_logps=old, advantages=adv, loss_mask=cur.mask,
                    eps_low=alg.epsilon, eps_high=alg.epsilon)  # fmt: skip
-    vout = value_loss(values=values, old_values=t.old_values[rows].to(values.device, values.dtype),
-                      returns=t.returns[rows].to(values.device, values.dtype), loss_mask=cur.mask,
-                      clip=alg.value_clip)  # fmt: skip
+    value, value_metrics = ppo_value_loss(cur.mask, values, t, rows, tokens, alg.value_clip)
     policy = aggregate_policy_loss(out.loss, cur.mask, mode="dapo", global_tokens=tokens)
-    value = aggregate_policy_loss(vout.loss, cur.mask, mode="dapo", global_tokens=tokens)
-    metrics = dict(out.metrics)
-    metrics["value_clipped_tokens"] = vout.metrics["value_clipped_tokens"]
-    metrics["value_loss"] = value.detach().reshape(1)
-    metrics["policy_loss"] = policy.detach().reshape(1)
+    metrics = {**out.metrics, **value_metrics, "policy_loss": policy.detach().reshape(1)}
     return policy + alg.vf_coef * value.to(policy.dtype), metrics
+
+
+def critic_warmup_loss(
+    alg: PPO, mask: Tensor, values: Tensor, t: PPOTargets, rows: Tensor, tokens: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """A critic warm-up step's loss: ``vf_coef`` x the clipped value loss alone, so the critic gets the very
+    gradient a PPO step gives it and the policy none (no policy term, no ``policy_loss`` figure)."""
+    value, metrics = ppo_value_loss(mask, values, t, rows, tokens, alg.value_clip)
+    return alg.vf_coef * value, metrics
+
+
+def ppo_value_loss(
+    mask: Tensor, values: Tensor, t: PPOTargets, rows: Tensor, tokens: int, clip: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped value loss of a micro-batch towards the rollout's returns, a token mean over the minibatch."""
+    vout = value_loss(values=values, old_values=t.old_values[rows].to(values.device, values.dtype),
+                      returns=t.returns[rows].to(values.device, values.dtype), loss_mask=mask,
+                      clip=clip)  # fmt: skip
+    value = aggregate_policy_loss(vout.loss, mask, mode="dapo", global_tokens=tokens)
+    metrics = {"value_clipped_tokens": vout.metrics["value_clipped_tokens"], "value_loss": value.detach().reshape(1)}
+    return value, metrics
 
 
 def ppo_figures(t: PPOTargets, mask: Tensor) -> dict[str, Tensor]:
