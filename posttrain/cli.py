@@ -5,6 +5,7 @@
     posttrain recommend FILE [--split train]
     posttrain report RUN_DIR [RUN_DIR ...] [-o FILE]                (an HTML page: curves, eval, samples, config)
     posttrain eval RUN_DIR_OR_CONFIG [--model PATH] [--data FILE] [--samples N] [--temperature T]
+    posttrain frontier CONFIG.yaml [--set KEY=VALUE ...] [--resume] [--quick] [--only LABEL]   (reward vs KL)
 
 Bad input (config or data) prints one line ``posttrain: error: ...`` naming the file, row and field, and
 exits with status 2 before anything is written. A pipeline stage that fails while running prints one line
@@ -70,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="an HTML page of one or more runs (several: curves overlaid)")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run, pipeline or iterative_dpo folder")
     report.add_argument("-o", "--output", help="the HTML file (default: RUN_DIR/report.html; several: ./report.html)")
+
+    frontier = sub.add_parser("frontier", help="train a grid of methods x strengths, then plot reward against KL")
+    frontier.add_argument("config", help="a frontier YAML config (a `grid` of runs and a `frontier` section)")
+    frontier.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a shared key of the config; repeatable")  # fmt: skip
+    frontier.add_argument("--resume", action="store_true", help="continue unfinished runs from their checkpoints")
+    frontier.add_argument(
+        "--quick", action="store_true", help="the whole frontier on a tiny model and a few prompts, in seconds"
+    )
+    frontier.add_argument(
+        "--only", action="append", default=[], metavar="LABEL", help="train and measure only this curve; repeatable"
+    )
 
     recommend = sub.add_parser("recommend", help="suggest methods and a starting config for a data file")
     recommend.add_argument("file")
@@ -188,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             target = write_report(args.runs, args.output)
             print(f"report: {target}   (open it in a browser: {target.resolve().as_uri()})")
+            return 0
+        if args.command == "frontier":
+            from posttrain.frontier import run_frontier
+
+            run_frontier(args.config, args.overrides, args.resume, args.quick, args.only)
             return 0
         if args.command == "recommend":
             from posttrain.recommend import recommend

@@ -118,8 +118,9 @@ def _segments(points: list[tuple[float, float | None]]) -> list[list[tuple[float
     return [s for s in out if s]
 
 
-def chart(title: str, lines: list[Line], note: str = "") -> str:
-    """An SVG line chart of ``lines`` (x: step); an empty string when no line has a finite value."""
+def chart(title: str, lines: list[Line], note: str = "", x_label: str = "step") -> str:
+    """An SVG line chart of ``lines`` (x: ``x_label``, the step by default); an empty string when no line has a
+    finite value."""
     values = [(x, y) for line in lines for x, y in line.points if y is not None and math.isfinite(y)]
     if not values:
         return ""
@@ -148,7 +149,8 @@ def chart(title: str, lines: list[Line], note: str = "") -> str:
         parts.append(f'<text class="tick" x="{px(x):.1f}" y="{HEIGHT - BOTTOM + 13}" text-anchor="middle">'
                      f"{tick_label(x, x_ticks[1] - x_ticks[0])}</text>")  # fmt: skip
     parts.append(f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}"/>')
-    parts.append(f'<text class="axis" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 4}" text-anchor="middle">step</text>')
+    parts.append(f'<text class="axis" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 4}" text-anchor="middle">'
+                 f"{escape(x_label)}</text>")  # fmt: skip
     for line in lines:
         few = len(line.points) <= 40
         for segment in _segments(thin(line.points)):
@@ -163,7 +165,7 @@ def chart(title: str, lines: list[Line], note: str = "") -> str:
                 radius = 3 if line.markers else 2
                 for x, y in segment:
                     parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{fill}" '
-                                 f'stroke="{line.colour}"><title>{escape(line.label)}: step {number(x)}: '
+                                 f'stroke="{line.colour}"><title>{escape(line.label)}: {escape(x_label)} {number(x)}: '
                                  f"{y:.6g}</title></circle>")  # fmt: skip
     if note:
         parts.append(f'<text class="note" x="{WIDTH - RIGHT}" y="16" text-anchor="end">{escape(note)}</text>')

@@ -35,6 +35,7 @@ BUILTIN_REWARDS = {
     "overlong": "posttrain.rewards.rules:SoftOverlongPunishment",
     "truncation_penalty": "posttrain.rewards.rules:TruncationPenalty",
     "reward_model": "posttrain.rewards.model:RewardModelScorer",
+    "sentiment": "posttrain.rewards.sentiment:Sentiment",
 }
 MODEL_REWARDS = {"reward_model": BUILTIN_REWARDS["reward_model"]}
 """Built-ins that load a model (``path``): checked for the path only, built when the run starts."""

@@ -1,0 +1,249 @@
+"""A frontier config: a grid of methods x strengths, all trained from one model, and how points are measured.
+
+A frontier config is a pipeline config (:mod:`posttrain.pipeline`: shared keys at the top, ``model``,
+``output_dir``) whose ``grid`` replaces ``stages``, plus a ``frontier`` section::
+
+    model: embedded:smollm2-135m-instruct
+    output_dir: runs/frontier-sentiment
+    data: {train: bundled:sentiment_train.jsonl, eval: bundled:sentiment_heldout.jsonl, chat_template: false}
+    rewards: [sentiment]
+    grid:
+      - {method: grpo, learning_rate: 1.0e-5, vary: {beta: [0.02, 0.1]}}    # runs grpo-beta-0.02, grpo-beta-0.1
+      - {label: dpo-offline, method: iterative_dpo, rounds: 1, vary: {beta: [0.1, 0.5]}}
+    frontier: {points: 3, samples: 1, seed: 0, shown: 3}
+
+Each grid entry is one curve (``label``, default its method) and, with ``vary: {KEY: [v1, v2, ...]}``, one
+run per value (its strength); a run is named ``LABEL-KEY-VALUE`` and writes to ``output_dir/NAME`` as a
+pipeline stage does. Every run starts from the top-level ``model`` (none is chained to another), so the
+pipeline's rules apply unchanged: everything is checked before the first run, a finished run with the same
+config is reused, an unfinished one needs ``--resume``. A run that does not say how often to save gets
+``save_steps`` so that it leaves ``points`` checkpoints along its path.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ConfigError, apply_overrides
+from posttrain.data.formats import read_rows, resolve_source
+from posttrain.fields import nearest
+from posttrain.pipeline import NAME, read_raw
+
+FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data")
+GRID_KEYS = ("label", "vary")
+
+
+@dataclass(frozen=True)
+class FrontierSettings:
+    """How each point of the frontier is measured (the ``frontier:`` section)."""
+
+    points: int = 3
+    """Checkpoints measured per run, spread along its path (the last one is the final model)."""
+    samples: int = 1
+    """Completions per held-out prompt at each point."""
+    seed: int = 0
+    """The sampling seed: every point samples the same prompts with the same seed."""
+    shown: int = 3
+    """Sample completions kept per point in frontier.json and frontier.html."""
+    data: str | None = None
+    """Held-out prompts; default: the shared ``data.eval``."""
+
+    def __post_init__(self) -> None:
+        for key, low in (("points", 1), ("samples", 1), ("shown", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"frontier.{key}: must be an integer >= {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"frontier.seed: must be an integer, got {self.seed!r}")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            raise ConfigError(f"frontier.data: must be a data file, got {self.data!r}")
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of the grid: its stage name, its curve and its strength (``key=value``, or '' for none)."""
+
+    name: str
+    label: str
+    strength: str
+
+
+@dataclass(frozen=True)
+class Grid:
+    pipeline: dict[str, Any]
+    """The pipeline config the grid expands to (every stage with the top-level model)."""
+    runs: list[GridRun]
+    settings: FrontierSettings
+    output_dir: Path
+    eval_data: str
+
+
+def _value_name(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def read_grid(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Grid:
+    """The grid of a frontier config (a YAML path or a dict) with ``--set`` overrides of its shared keys."""
+    raw = apply_overrides(read_raw(source), list(overrides))
+    where = f"{source}: " if isinstance(source, (str, Path)) else ""
+    try:
+        return _expand(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from err
+
+
+def _expand(raw: dict[str, Any]) -> Grid:
+    if "stages" in raw:
+        raise ConfigError("stages: a frontier config lists its runs under `grid` (each run starts from `model`)")
+    grid = raw.pop("grid", None)
+    if not isinstance(grid, list) or not grid:
+        raise ConfigError("grid: expected a non-empty list of runs, each a mapping with at least `method`")
+    section = raw.pop("frontier", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"frontier: expected a mapping, got {section!r}")
+    for key in section:
+        if key not in FRONTIER_KEYS:
+            raise ConfigError(f"frontier.{key}: unknown key{nearest(key, FRONTIER_KEYS)}")
+    settings = FrontierSettings(**section)
+    if not isinstance(raw.get("model"), str):
+        raise ConfigError("model: is required (every run of the grid starts from it)")
+    stages: list[dict[str, Any]] = []
+    runs: list[GridRun] = []
+    for i, entry in enumerate(grid):
+        if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+            raise ConfigError(f"grid[{i}]: expected a mapping with at least `method`, got {entry!r}")
+        entry = dict(entry)
+        label, vary = entry.pop("label", entry["method"]), entry.pop("vary", None)
+        if not isinstance(label, str) or not NAME.fullmatch(label):
+            raise ConfigError(f"grid[{i}].label: expected letters, digits, '.', '_' or '-', got {label!r}")
+        if any(r.label == label for r in runs):
+            raise ConfigError(f"grid[{i}].label: {label!r} is already the label of an earlier entry")
+        for key in ("name", "output_dir", "model"):
+            if key in entry:
+                raise ConfigError(f"grid[{i}].{key}: set by the frontier (every run starts from the top-level model)")
+        variants: list[tuple[str, dict[str, Any]]] = [("", {})]
+        if vary is not None:
+            if not isinstance(vary, dict) or len(vary) != 1:
+                raise ConfigError(f"grid[{i}].vary: expected one key and its list of values, got {vary!r}")
+            ((key, values),) = vary.items()
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"grid[{i}].vary.{key}: expected a non-empty list of values, got {values!r}")
+            variants = [(f"{key}={_value_name(v)}", {key: v}) for v in values]
+        for strength, change in variants:
+            name = f"{label}-{strength.replace('=', '-')}" if strength else label
+            stage = {**copy.deepcopy(entry), **change, "name": name, "model": raw["model"]}
+            stages.append(stage)
+            runs.append(GridRun(name, label, strength))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"grid: two runs are named {next(n for n in names if names.count(n) > 1)!r}")
+    eval_data = settings.data or (raw.get("data") or {}).get("eval")
+    if not eval_data:
+        raise ConfigError("frontier.data: the held-out prompts are required (or a shared data.eval)")
+    if not isinstance(raw.get("output_dir"), str) or not raw["output_dir"]:
+        raise ConfigError("output_dir: is required (run NAME writes to output_dir/NAME)")
+    pipeline = {**raw, "stages": stages}
+    _add_save_steps(pipeline, settings.points)
+    return Grid(pipeline, runs, settings, Path(raw["output_dir"]), str(eval_data))
+
+
+def _add_save_steps(pipeline: dict[str, Any], points: int) -> None:
+    """``save_steps`` for every run that sets none, so that it leaves ``points`` models along its path: the
+    checkpoints of its steps (an iterative run's rounds count as points, its steps within a round too)."""
+    shared = pipeline.get("save_steps")
+    for stage in pipeline["stages"]:
+        if "save_steps" in stage or shared is not None:
+            continue
+        method = stage.get("method")
+        if method == "iterative_dpo":
+            rounds = int(stage.get("rounds", pipeline.get("rounds", 1)))
+            steps = stage.get("steps_per_round", pipeline.get("steps_per_round"))
+            if rounds >= points or not isinstance(steps, int):
+                continue
+            per_round = math.ceil(points / rounds)
+            stage["save_steps"] = max(1, math.ceil(steps / per_round))
+        else:
+            steps = stage.get("max_steps", pipeline.get("max_steps"))
+            if isinstance(steps, int) and steps > 0:
+                stage["save_steps"] = max(1, math.ceil(steps / points))
+
+
+def select(grid: Grid, labels: Sequence[str]) -> Grid:
+    """The grid's runs of the curves ``labels`` only (``--only``): a grid trained curve by curve."""
+    known = list(dict.fromkeys(r.label for r in grid.runs))
+    for label in labels:
+        if label not in known:
+            raise ConfigError(
+                f"--only: {label!r} is not a label of the grid{nearest(label, known)}; labels: {', '.join(known)}"
+            )
+    keep = [i for i, r in enumerate(grid.runs) if r.label in labels]
+    pipeline = {**grid.pipeline, "stages": [grid.pipeline["stages"][i] for i in keep]}
+    return dataclasses.replace(grid, pipeline=pipeline, runs=[grid.runs[i] for i in keep])
+
+
+# ------------------------------------------------------------------------------------------- --quick
+
+QUICK_ROWS = 6
+QUICK_STEPS = {"learning_rate": 1e-3, "max_steps": 3, "batch_size": 2, "num_generations": 2, "steps_per_round": 3,
+               "prompts_per_round": 6, "save_steps": 1}  # fmt: skip
+
+
+def quick(grid: Grid) -> Grid:
+    """The same grid on a tiny model, a few prompts and a few steps, in ``OUTPUT_DIR-quick``: every stage of
+    the frontier (training, checkpoints, sampling, KL, the table and the plot) end to end in seconds."""
+    from posttrain.fixtures import save_tiny
+
+    out = grid.output_dir.with_name(grid.output_dir.name + "-quick")
+    model_dir = out / "quick-model"
+    if not (model_dir / "config.json").is_file():
+        save_tiny(model_dir, chat_template=None)
+    pipeline = copy.deepcopy(grid.pipeline)
+    data = dict(pipeline.get("data") or {})
+    for key in ("train", "eval"):
+        if data.get(key):
+            data[key] = str(_first_rows(str(data[key]), out / "quick-data" / f"{key}.jsonl"))
+    eval_data = str(_first_rows(grid.eval_data, out / "quick-data" / "heldout.jsonl"))
+    data["max_length"] = 128  # the tiny tokenizer spells words in pieces: room for every prompt
+    pipeline.update(model=str(model_dir), output_dir=str(out), data=data)
+    generation = dict(pipeline.get("generation") or {})
+    generation["max_new_tokens"] = min(int(generation.get("max_new_tokens", 8)), 8)
+    pipeline["generation"] = generation
+    for key in ("max_steps", "batch_size", "micro_batch_size", "num_generations", "save_steps", "eval_steps"):
+        pipeline.pop(key, None)
+    for stage in pipeline["stages"]:
+        stage["model"] = str(model_dir)
+        method = stage.get("method")
+        for key, value in QUICK_STEPS.items():
+            if key in ("steps_per_round", "prompts_per_round", "rounds") and method != "iterative_dpo":
+                continue
+            if key == "num_generations" and method == "ppo":
+                continue
+            stage[key] = value
+        if method == "iterative_dpo":
+            stage["rounds"] = min(int(stage.get("rounds", 1)), 2)
+            # A random tiny model's samples mostly tie: more of them, and one pair is a batch.
+            stage.update(num_generations=6, batch_size=1)
+            stage.pop("max_steps", None)
+        for key in ("micro_batch_size", "eval_steps", "critic_warmup_steps"):
+            stage.pop(key, None)
+    settings = dataclasses.replace(grid.settings, data=eval_data)
+    return Grid(pipeline, grid.runs, settings, out, eval_data)
+
+
+def _first_rows(source: str, target: Path) -> Path:
+    """The first :data:`QUICK_ROWS` rows of a data file, written as JSON lines to ``target``."""
+    rows = []
+    for _, row in read_rows(resolve_source(source)):
+        rows.append(row)
+        if len(rows) == QUICK_ROWS:
+            break
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target

@@ -1,0 +1,121 @@
+"""What a frontier writes: frontier.json, frontier.md, frontier.html (inline SVG) and frontier.png.
+
+Rows are points: the starting model (KL 0) and each measured model of each run. The plot has KL(policy ||
+reference) per completion on x and the mean held-out reward on y, one colour per method (a grid entry's
+label), one dash pattern per strength, every curve starting at the starting model's point, as Fig. 2 of
+the DPO paper (Rafailov et al. 2023) draws it. frontier.png needs matplotlib (``pip install
+'posttrain[plot]'``), imported here only, when the PNG is written; the HTML page needs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from posttrain.report.svg import COLOURS, DASHES, Line, chart
+
+X_LABEL = "KL(policy || reference), nats per completion"
+PLOT_INSTALL = "pip install 'posttrain[plot]'"
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    start = {"label": "start", "run": "start", "strength": "", "step": 0, **result["start"]}
+    return [start, *({"label": r["label"], "run": r["run"], "strength": r["strength"], **p}
+                     for r in result["runs"] for p in r["points"])]  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table: one row per point, the figures with their standard errors."""
+    lines = [
+        f"# Reward against KL: {result['output_dir']}",
+        "",
+        f"Held-out prompts: `{result['data']}`, {result['samples']} sample(s) each at temperature 1, top_p 1, "
+        f"top_k 0, seed {result['seed']}. KL: nats per completion on the policy's own samples (mean ± s.e.).",
+        "",
+        "| method | run | strength | step | reward | KL (nats) | distinct-2 | length (tokens) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in _rows(result):
+        lines.append(
+            f"| {row['label']} | {row['run']} | {row['strength']} | {row['step']} | "
+            f"{row['reward']:.3f} ± {row['reward_se']:.3f} | {row['kl']:.2f} ± {row['kl_se']:.2f} | "
+            f"{row['distinct_2']:.3f} | {row['completion_length']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _curves(result: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[float, float]]]]:
+    """(legend, colour, dash, points) per run: the starting point first, then its points in step order."""
+    labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
+    start = (result["start"]["kl"], result["start"]["reward"])
+    out = []
+    strengths: dict[str, int] = {}
+    for run in result["runs"]:
+        colour = COLOURS[labels.index(run["label"]) % len(COLOURS)]
+        k = strengths[run["label"]] = strengths.get(run["label"], -1) + 1
+        legend = f"{run['label']} {run['strength']}".strip()
+        out.append((legend, colour, DASHES[k % len(DASHES)], [start, *((p["kl"], p["reward"]) for p in run["points"])]))
+    return out
+
+
+def html(result: dict[str, Any]) -> str:
+    """A self-contained page: the plot (inline SVG), the table and a few samples per point."""
+    lines = [Line(legend, colour, list(points), dash=dash) for legend, colour, dash, points in _curves(result)]
+    svg = chart("held-out reward against KL to the reference", lines, x_label=X_LABEL)
+    legend = "".join(f'<li><svg width="28" height="10"><line x1="0" x2="28" y1="5" y2="5" stroke="{c}" '
+                     f'stroke-width="2" stroke-dasharray="{d}"/></svg> {escape(name)}</li>'
+                     for name, c, d, _ in _curves(result))  # fmt: skip
+    table = ["<table><tr><th>method</th><th>run</th><th>step</th><th>reward</th><th>KL</th><th>distinct-2</th>"
+             "<th>samples</th></tr>"]  # fmt: skip
+    for row in _rows(result):
+        shown = "".join(f"<div class=s><b>{r['reward']:+.2f}</b> {escape(r['prompt'])}<i>{escape(r['completion'])}</i>"
+                        "</div>" for r in row.get("shown", []))  # fmt: skip
+        table.append(f"<tr><td>{escape(row['label'])}</td><td>{escape(row['run'])}</td><td>{row['step']}</td>"
+                     f"<td>{row['reward']:.3f} ± {row['reward_se']:.3f}</td><td>{row['kl']:.2f} ± {row['kl_se']:.2f}"
+                     f"</td><td>{row['distinct_2']:.3f}</td><td>{shown}</td></tr>")  # fmt: skip
+    table.append("</table>")
+    style = ("body{font:14px sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}.s{font-size:12px;margin:2px 0}"
+             "i{color:#555}ul{list-style:none;padding:0}svg.chart{width:640px;height:auto}"
+             ".grid{stroke:#eee}.frame{fill:none;stroke:#999}.tick,.axis,.note{font-size:10px}"
+             ".title{font-size:12px}")  # fmt: skip
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>frontier</title><style>{style}</style></head>"
+            f"<body><h1>Reward against KL</h1><p>{escape(markdown(result).splitlines()[2])}</p>{svg}<ul>{legend}</ul>"
+            f"{''.join(table)}</body></html>\n")  # fmt: skip
+
+
+def png(result: dict[str, Any], path: Path) -> str | None:
+    """The plot as a PNG; None when written, else why not (matplotlib missing), in one line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"frontier.png not written: it needs matplotlib ({PLOT_INSTALL}); frontier.html has the plot"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for legend, colour, dash, points in _curves(result):
+        style = "-" if not dash else (0, tuple(float(x) for x in dash.split()))
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", color=colour, linestyle=style, label=legend)
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel("mean held-out reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
+
+
+def write_all(result: dict[str, Any], folder: Path) -> list[str]:
+    """frontier.json, .md, .html and .png in ``folder``; returns notes (a PNG that could not be written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("frontier.json", json.dumps(result, indent=1) + "\n"), ("frontier.md", markdown(result)),
+                       ("frontier.html", html(result))):  # fmt: skip
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / name)
+    note = png(result, folder / "frontier.png")
+    return [note] if note else []

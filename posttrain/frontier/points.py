@@ -1,0 +1,178 @@
+"""The points of a frontier: models along each run's path, each measured on the held-out prompts.
+
+A point is a model (a checkpoint, a round's model or the final model) and what its samples show: the mean
+reward, KL(policy || reference) in nats per completion, distinct-2 and the completion length, all measured
+on the same samples: ``samples`` completions per held-out prompt at temperature 1, top_p 1, top_k 0 (the
+policy's own distribution, as the DPO paper's Fig. 2 plots it) with one seed for every point.
+
+KL per completion is the mean over samples of ``sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)``
+(the k1 estimator on the policy's samples: unbiased for the sequence-level KL; Schulman 2020,
+"Approximating KL Divergence"). The starting model is the point at KL 0 of every curve.
+
+A measured point is written to ``OUTPUT_DIR/frontier/points/RUN/STEP.json`` with the model's fingerprint
+(size and modification time of its weights) and the settings, and reused while both are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import TrainConfig
+from posttrain.data.prompts import PromptRecord, load_prompts
+from posttrain.data.tokenize import Renderer
+from posttrain.frontier.grid import FrontierSettings
+from posttrain.model.load import load_causal_lm, load_tokenizer
+from posttrain.rollout.compare import distinct_n
+from posttrain.rollout.generate import SamplingParams
+from posttrain.training.rollouts import Scorer, default_generator, method_rewards, sample
+
+STEP_DIR = re.compile(r"step-(\d+)")
+ROUND_DIR = re.compile(r"round-(\d+)")
+
+
+@dataclass(frozen=True)
+class Point:
+    """A model along a run's path: ``step`` counts optimizer steps from the start (across rounds)."""
+
+    step: int
+    model: Path
+
+
+def _steps_of(run: Path, offset: int) -> tuple[list[Point], int]:
+    """The checkpoints and final model of one training folder, steps shifted by ``offset``; and its last step."""
+    points = []
+    checkpoints = run / "checkpoints"
+    if checkpoints.is_dir():
+        for folder in checkpoints.iterdir():
+            match = STEP_DIR.fullmatch(folder.name)
+            if match and (folder / "config.json").is_file():
+                points.append(Point(offset + int(match.group(1)), folder))
+    last = max((p.step for p in points), default=offset)
+    summary = run / "summary.json"
+    if (run / "model" / "config.json").is_file():
+        steps = json.loads(summary.read_text()).get("steps") if summary.is_file() else None
+        final = offset + int(steps) if isinstance(steps, int) else last + 1
+        points = [p for p in points if p.step != final] + [Point(final, run / "model")]
+        last = final
+    return sorted(points, key=lambda p: p.step), last
+
+
+def path_points(run: Path) -> list[Point]:
+    """Every model along a finished run's path, in order: its checkpoints and final model; for an iterative
+    run the checkpoints and model of each round's training, steps counted across the rounds."""
+    rounds = sorted((int(m.group(1)), d) for d in run.iterdir() if (m := ROUND_DIR.fullmatch(d.name))) \
+        if run.is_dir() else []  # fmt: skip
+    if not rounds:
+        return _steps_of(run, 0)[0]
+    points: list[Point] = []
+    offset = 0
+    for _, folder in rounds:
+        found, offset = _steps_of(folder / "train", offset)
+        points.extend(found)
+    return points
+
+
+def spread(points: list[Point], count: int) -> list[Point]:
+    """``count`` points spread evenly along the path, the last one always in (all of them when fewer).
+
+    >>> [p.step for p in spread([Point(s, Path(".")) for s in range(1, 11)], 3)]
+    [4, 7, 10]
+    """
+    if len(points) <= count:
+        return points
+    n = len(points)
+    picks = sorted({n - 1 - round(i * n / count) for i in range(count)})
+    return [points[i] for i in picks]
+
+
+def fingerprint(model: Path) -> str:
+    """Size and modification time of a model folder's weight files: a retrained model is measured again."""
+    files = sorted(model.glob("*.safetensors")) or sorted(model.glob("*.bin"))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+class PointMeter:
+    """Measures models on the held-out prompts, all against one reference, with one sampling seed.
+
+    The reference (the grid's starting model), the prompts, the rewards and the generator are loaded once."""
+
+    def __init__(self, config: TrainConfig, settings: FrontierSettings, eval_data: str) -> None:
+        self.config, self.settings, self.eval_data = config, settings, eval_data
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(config.model)
+        renderer = Renderer(self.tokenizer, config.data.chat_template)
+        self.prompts: list[PromptRecord] = load_prompts(eval_data, config.data.split, renderer,
+                                                        config.data.prompt_limit)[0]  # fmt: skip
+        self.reward_fn = method_rewards(config)
+        self.reward_fn.check_columns(eval_data, self.prompts)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.params = SamplingParams(config.generation.max_new_tokens, 1.0, 1.0, 0, config.generation.stop)
+        self.make_generator = default_generator(config)
+        self.reference = load_causal_lm(config.reference.model or config.model, trainable=False).to(self.device)
+        self.scorer = Scorer(config, self.device, temperature=1.0)
+
+    def settings_key(self) -> dict[str, Any]:
+        s = self.settings
+        return {"data": self.eval_data, "samples": s.samples, "seed": s.seed, "shown": s.shown,
+                "max_new_tokens": self.params.max_new_tokens, "rewards": self.config.rewards,
+                "reference": self.config.reference.model or self.config.model}  # fmt: skip
+
+    def measure(self, model: Path | None, cache: Path | None = None) -> dict[str, Any]:
+        """The figures of ``model`` (None: the reference itself, the point at KL 0), reused from ``cache``
+        when it holds this model's figures under these settings."""
+        key = {"model": str(model) if model else None, "fingerprint": fingerprint(model) if model else None,
+               "settings": self.settings_key()}  # fmt: skip
+        if cache is not None and cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return dict(saved["figures"])
+        figures = self._measure(model)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            tmp.write_text(json.dumps({"key": key, "figures": figures}, indent=1) + "\n")
+            tmp.replace(cache)
+        return figures
+
+    def _measure(self, model: Path | None) -> dict[str, Any]:
+        policy = self.reference if model is None else load_causal_lm(str(model), trainable=False).to(self.device)
+        generator = self.make_generator(policy, self.tokenizer)
+        s = sample(generator, self.reward_fn, self.prompts, self.settings.samples, self.params, self.settings.seed,
+                   self.pad_id, False)  # fmt: skip
+        n = len(s.rewards)
+        kl = torch.zeros(n, dtype=torch.float64)
+        if model is not None:
+            parts = []
+            with torch.no_grad():
+                for start in range(0, n, 16):
+                    rows = slice(start, start + 16)
+                    pol = self.scorer(policy, s, rows).logps.double()
+                    ref = self.scorer(self.reference, s, rows).logps.double()
+                    parts.append(((pol - ref) * s.loss_mask[rows].to(pol.device)).sum(-1).cpu())
+            kl = torch.cat(parts)
+        completions = [self.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+                       for ids, mask in zip(s.input_ids, s.loss_mask, strict=True)]  # fmt: skip
+        per_prompt = [p for p in self.prompts for _ in range(self.settings.samples)]
+        rewards = s.rewards.tolist()
+        shown = [{"prompt": p.text, "completion": c, "reward": round(float(r), 4)}
+                 for p, c, r in zip(per_prompt, completions, rewards, strict=True)][: self.settings.shown]  # fmt: skip
+        return {
+            "reward": float(s.rewards.mean()), "reward_se": _se(s.rewards),
+            "kl": float(kl.mean()), "kl_se": _se(kl),
+            "distinct_2": distinct_n(completions, 2), "completion_length": float(s.lengths.mean()),
+            "samples": n, "shown": shown,
+        }  # fmt: skip
+
+
+def _se(values: torch.Tensor) -> float:
+    """The standard error of a mean (0 for a single value)."""
+    n = len(values)
+    return float(values.double().std() / math.sqrt(n)) if n > 1 else 0.0
