@@ -38,19 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from posttrain import determinism
 from posttrain.algorithms import ALGORITHMS, hyperparameter_owners
-from posttrain.config import (
-    ConfigError,
-    TrainConfig,
-    apply_overrides,
-    check_rewards,
-    from_dict,
-    read_yaml,
-    section,
-)
+from posttrain.config import ConfigError, TrainConfig, apply_overrides, check_rewards, from_dict, section
+from posttrain.config.loader import read_raw, read_yaml
 from posttrain.data.formats import DataError
 from posttrain.data.kinds import load_examples
 from posttrain.fields import nearest
@@ -110,18 +101,6 @@ class Stage:
 
 
 # ------------------------------------------------------------------------------------------ reading
-
-
-def read_raw(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """The top-level mapping of a YAML path or a dict (errors as :func:`posttrain.config.load` words them)."""
-    if isinstance(source, dict):
-        return dict(source)
-    path = Path(source)
-    raw = read_yaml(path)
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return raw
 
 
 def is_pipeline(source: object) -> typing.TypeGuard[str | Path | dict[str, Any]]:
@@ -284,8 +263,8 @@ def _saved_differences(stage: Stage) -> list[str]:
     if not path.is_file():
         return []
     try:
-        saved = from_dict(yaml.safe_load(path.read_text())).to_dict()
-    except (ConfigError, yaml.YAMLError, TypeError, AttributeError):
+        saved = from_dict(read_yaml(path)).to_dict()
+    except (ConfigError, TypeError, AttributeError):
         return ["config.yaml (unreadable)"]
     return config_changes(saved, stage.config.to_dict(), RESUME_MAY_CHANGE)  # (a moved pipeline: no change)
 
