@@ -142,6 +142,7 @@ HYPERPARAMETERS = {
         "critic_model": "runs/rm/model",
         "share_trunk": False,
         "critic_learning_rate": 1e-5,
+        "critic_warmup_steps": 3,
     },
     "iterative_dpo": {
         "num_generations": 6,

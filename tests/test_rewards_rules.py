@@ -256,6 +256,7 @@ def test_load_reward_by_builtin_name() -> None:
         "overlong",
         "truncation_penalty",
         "reward_model",
+        "sentiment",
     }
     cut = load_reward({"name": "truncation_penalty", "penalty": -0.5}).fn
     assert cut(["q", "q"], ["a", "b"], truncated=[True, False]) == [-0.5, 0.0]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.algorithms import ALGORITHMS
 from posttrain.config import ConfigError, apply_overrides
 from posttrain.data.formats import read_rows, resolve_source
 from posttrain.fields import nearest
@@ -120,6 +121,12 @@ def _expand(raw: dict[str, Any]) -> Grid:
         if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
             raise ConfigError(f"grid[{i}]: expected a mapping with at least `method`, got {entry!r}")
         entry = dict(entry)
+        algorithm = ALGORITHMS.get(entry["method"])
+        if algorithm is not None and algorithm.data_kind != "prompts":
+            raise ConfigError(
+                f"grid[{i}].method: {entry['method']} trains on given data; a frontier's runs sample prompts "
+                "(offline DPO on pairs sampled once from the model: method iterative_dpo with rounds: 1)"
+            )
         label, vary = entry.pop("label", entry["method"]), entry.pop("vary", None)
         if not isinstance(label, str) or not NAME.fullmatch(label):
             raise ConfigError(f"grid[{i}].label: expected letters, digits, '.', '_' or '-', got {label!r}")

@@ -1,0 +1,149 @@
+"""``posttrain frontier``: the grid a config expands to, the points along a run's path, the held-out check,
+and the shipped example end to end with ``--quick`` (a tiny model: every run trained, every point measured,
+the table and the plot written; a rerun reuses the runs and the points)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.config import ConfigError
+from posttrain.frontier import run_frontier
+from posttrain.frontier.grid import read_grid, select
+from posttrain.frontier.points import Point, path_points, spread
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "frontier_sentiment.yaml"
+
+
+def grid_config(**changes: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model": "some/model",
+        "output_dir": "runs/f",
+        "data": {"train": "bundled:sentiment_train.jsonl", "eval": "bundled:sentiment_heldout.jsonl"},
+        "rewards": ["sentiment"],
+        "grid": [
+            {"method": "grpo", "max_steps": 10, "vary": {"beta": [0.01, 0.1]}},
+            {"label": "dpo-offline", "method": "iterative_dpo", "rounds": 1, "steps_per_round": 9},
+            {"label": "online-dpo", "method": "iterative_dpo", "rounds": 3, "steps_per_round": 4},
+        ],
+    }
+    config.update(changes)
+    return config
+
+
+def test_grid_expands_to_unchained_runs_with_checkpoints_along_the_path() -> None:
+    grid = read_grid(grid_config())
+    names = [r.name for r in grid.runs]
+    assert names == ["grpo-beta-0.01", "grpo-beta-0.1", "dpo-offline", "online-dpo"]
+    assert [r.strength for r in grid.runs] == ["beta=0.01", "beta=0.1", "", ""]
+    stages = grid.pipeline["stages"]
+    assert all(s["model"] == "some/model" for s in stages)  # none starts from another's model
+    assert [s.get("beta") for s in stages[:2]] == [0.01, 0.1]
+    # 3 points: every ceil(10 / 3) = 4 steps; one round of 9 steps: every 3; 3 rounds: the round models.
+    assert [s.get("save_steps") for s in stages] == [4, 4, 3, None]
+    assert grid.eval_data == "bundled:sentiment_heldout.jsonl"
+    assert [r.name for r in select(grid, ["online-dpo"]).runs] == ["online-dpo"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"frontier": {"point": 3}}, "frontier.point: unknown key (did you mean 'points'?)"),
+        ({"frontier": {"points": 0}}, "frontier.points: must be an integer >= 1, got 0"),
+        ({"grid": []}, "grid: expected a non-empty list of runs"),
+        ({"grid": [{"method": "grpo", "vary": {"beta": [0.1], "lr": [1]}}]}, "grid[0].vary: expected one key"),
+        ({"grid": [{"method": "grpo", "model": "x"}]}, "grid[0].model: set by the frontier"),
+        ({"grid": [{"method": "grpo"}, {"method": "grpo"}]}, "grid[1].label: 'grpo' is already the label"),
+        ({"stages": [{"method": "dpo"}]}, "stages: a frontier config lists its runs under `grid`"),
+    ],
+)
+def test_grid_mistakes_are_one_line_each(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        read_grid(grid_config(**changes))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_only_label_names_the_labels() -> None:
+    with pytest.raises(ConfigError, match=r"--only: 'grop' is not a label of the grid.*did you mean 'grpo'"):
+        select(read_grid(grid_config()), ["grop"])
+
+
+def test_points_follow_the_path_across_rounds(tmp_path: Path) -> None:
+    def model(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+
+    for r, steps in ((1, 4), (2, 4)):
+        train = tmp_path / f"round-{r}" / "train"
+        model(train / "checkpoints" / "step-000002")
+        model(train / "model")
+        (train / "summary.json").write_text(json.dumps({"steps": steps}))
+    assert [p.step for p in path_points(tmp_path)] == [2, 4, 6, 8]
+    run = tmp_path / "plain"
+    for step in (3, 6):
+        model(run / "checkpoints" / f"step-{step:06d}")
+    model(run / "model")
+    (run / "summary.json").write_text(json.dumps({"steps": 7}))
+    assert [p.step for p in path_points(run)] == [3, 6, 7]
+    assert [p.step for p in spread([Point(s, tmp_path) for s in (1, 2, 3, 4, 5, 6)], 3)] == [2, 4, 6]
+
+
+def test_heldout_prompts_that_are_also_training_prompts_are_refused(tmp_path: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "The film was"}\n{"prompt": "The plot of"}\n')
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"prompt": "My review:"}\n{"prompt": "The plot of"}\n')
+    config = grid_config(data={"train": str(train), "eval": str(heldout)}, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"heldout.jsonl: row 2: the prompt is also row 2 of the training data"):
+        run_frontier(config, quick_mode=True, log=lambda _: None)
+
+
+def test_bundled_sentiment_heldout_prompts_are_unseen_in_training() -> None:
+    from posttrain.data.formats import read_rows, resolve_source
+
+    train = {r["prompt"] for _, r in read_rows(resolve_source("bundled:sentiment_train.jsonl"))}
+    heldout = [r["prompt"] for _, r in read_rows(resolve_source("bundled:sentiment_heldout.jsonl"))]
+    assert len(heldout) >= 100 and not train.intersection(heldout)
+
+
+def test_pair_methods_are_refused_with_the_way_to_sample_pairs(tmp_path: Path) -> None:
+    config = grid_config(output_dir=str(tmp_path / "out"), grid=[{"method": "dpo"}])
+    config.pop("rewards")
+    with pytest.raises(ConfigError, match=r"a frontier's runs sample prompts.*iterative_dpo with rounds: 1"):
+        run_frontier(config, quick_mode=True, log=lambda _: None)
+
+
+def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("vaderSentiment")
+    out = tmp_path / "frontier"
+    assert main(["frontier", str(EXAMPLE), "--quick", "--set", f"output_dir={out}"]) == 0
+    folder = tmp_path / "frontier-quick"
+    result = json.loads((folder / "frontier.json").read_text())
+    labels = {r["label"] for r in result["runs"]}
+    assert labels == {"grpo", "rloo", "ppo", "online-dpo", "dpo-offline"}
+    assert len(result["runs"]) == 10  # every method at two strengths
+    assert result["start"]["kl"] == 0.0
+    for run in result["runs"]:
+        steps = [p["step"] for p in run["points"]]
+        assert len(steps) == 3 and steps == sorted(steps), run["run"]
+        for p in run["points"]:
+            assert 0.0 <= p["distinct_2"] <= 1.0 and -1.0 <= p["reward"] <= 1.0
+            assert p["samples"] == 6 and len(p["shown"]) == 3
+    assert any(abs(p["kl"]) > 1e-3 for run in result["runs"] for p in run["points"])  # the models moved
+    page = (folder / "frontier.html").read_text()
+    assert "<svg" in page and "KL(policy || reference)" in page and "online-dpo beta=0.05" in page
+    table = (folder / "frontier.md").read_text()
+    assert table.count("\n| ") == 1 + 1 + 30  # header, start, 10 runs x 3 points
+    assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    lines = capsys.readouterr().out
+    assert lines.count("frontier: run ") == 10 and "trained in" in lines
+
+    # A rerun reuses every run and every measured point.
+    assert main(["frontier", str(EXAMPLE), "--quick", "--set", f"output_dir={out}"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier, reused") == 10
+    assert json.loads((folder / "frontier.json").read_text()) == result
