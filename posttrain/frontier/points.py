@@ -158,8 +158,7 @@ class PointMeter:
                     ref = self.scorer(self.reference, s, rows).logps.double()
                     parts.append(((pol - ref) * s.loss_mask[rows].to(pol.device)).sum(-1).cpu())
             kl = torch.cat(parts)
-        completions = [self.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
-                       for ids, mask in zip(s.input_ids, s.loss_mask, strict=True)]  # fmt: skip
+        completions = list(s.texts)  # what the rewards scored
         per_prompt = [p for p in self.prompts for _ in range(self.settings.samples)]
         rewards = s.rewards.tolist()
         shown = [{"prompt": p.text, "completion": c, "reward": round(float(r), 4)}
