@@ -3,12 +3,14 @@
     python3 -m posttrain.bundled.arithmetic [--out DIR]
 
 writes ``arith_train.jsonl`` (500 rows) and ``arith_heldout.jsonl`` (125 rows) into ``DIR`` (default: this
-folder), and their rows of levels 1 and 3 as ``arith_easy_train.jsonl`` (200) and ``arith_easy_heldout.jsonl``
-(50). Each row is ``{"prompt": str, "answer": str, "level": int}``: the answer is an integer written
-plainly ("-12", "1540"), and every prompt ends by asking for "The answer is N.", which
-:class:`posttrain.rewards.NumericAnswer` checks against the ``answer`` column. Levels 1..5 take turns (100
-train and 25 held-out rows each). Every choice comes from ``random.Random(seed)``, so the files are
-byte-identical on every run; README.md in this folder lists the levels and forms.
+folder), their rows of levels 1 and 3 as ``arith_easy_train.jsonl`` (200) and ``arith_easy_heldout.jsonl``
+(50), and ``arith_easy_heldout200.jsonl``: 200 more problems of levels 1 and 3 (seed 2) that ask no
+question of the other files, a held-out set large enough to tell a learnt improvement from noise. Each row
+is ``{"prompt": str, "answer": str, "level": int}``: the answer is an integer written plainly ("-12",
+"1540"), and every prompt ends by asking for "The answer is N.", which :class:`posttrain.rewards.NumericAnswer`
+checks against the ``answer`` column. Levels 1..5 take turns (100 train and 25 held-out rows each). Every
+choice comes from ``random.Random(seed)``, so the files are byte-identical on every run; README.md in this
+folder lists the levels and forms.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ TRAIN_FILE, HELDOUT_FILE = "arith_train.jsonl", "arith_heldout.jsonl"
 # success, which GRPO-style methods need to learn anything. The same rows as in the full files.
 EASY_LEVELS = (1, 3)
 EASY_TRAIN_FILE, EASY_HELDOUT_FILE = "arith_easy_train.jsonl", "arith_easy_heldout.jsonl"
+# 50 held-out problems give a standard error of ~4.6 points at 12% accuracy, so only a jump of ~9 points is
+# more than noise; 200 halve that (~2.3 points). A separate file with its own seed, so that the four files
+# above keep their bytes (measured figures refer to them); it asks no question of train or of held-out.
+EASY_HELDOUT200_SEED, N_EASY_HELDOUT200 = 2, 200
+EASY_HELDOUT200_FILE = "arith_easy_heldout200.jsonl"
 INSTRUCTION = "End with 'The answer is N.'"
 BARE = ("What is {e}?", "Compute {e}.", "Calculate {e}.")
 NAMES = ("Tom", "Anna", "Sam", "Mia", "Leo", "Zoe", "Ben", "Ella", "Max", "Lily")
@@ -213,8 +220,10 @@ def make_problem(rng: random.Random, level: int) -> Problem:
     return Problem(f"{question} {INSTRUCTION}", str(form.value(**numbers)), level, expression)
 
 
-def build_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[Problem]:
-    """``n`` problems, levels taking turns; no expression asked twice nor asked by any of ``exclude``.
+def build_problems(
+    n: int, seed: int, exclude: Iterable[Problem] = (), levels: Sequence[int] = tuple(LEVELS)
+) -> list[Problem]:
+    """``n`` problems, ``levels`` taking turns; no expression asked twice nor asked by any of ``exclude``.
 
     The expression is the question's identity, so a word problem and the bare sum behind it count as one.
     """
@@ -222,7 +231,7 @@ def build_problems(n: int, seed: int, exclude: Iterable[Problem] = ()) -> list[P
     seen = {p.expression for p in exclude}
     problems: list[Problem] = []
     for i in range(n):
-        level = i % len(LEVELS) + 1
+        level = levels[i % len(levels)]
         for _ in range(1000):  # redraw repeats; each level has hundreds of distinct expressions or more
             problem = make_problem(rng, level)
             if problem.expression not in seen:
@@ -240,6 +249,12 @@ def build_splits() -> tuple[list[Problem], list[Problem]]:
     return train, build_problems(N_HELDOUT, HELDOUT_SEED, exclude=train)
 
 
+def build_easy_heldout200(train: Sequence[Problem], heldout: Sequence[Problem]) -> list[Problem]:
+    """200 problems of levels 1 and 3 (taking turns, seed 2) asking no question of ``train`` or ``heldout``."""
+    exclude = [*train, *heldout]
+    return build_problems(N_EASY_HELDOUT200, EASY_HELDOUT200_SEED, exclude=exclude, levels=EASY_LEVELS)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
@@ -247,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     train, heldout = build_splits()
     easy = [[p for p in split if p.level in EASY_LEVELS] for split in (train, heldout)]
-    names = (TRAIN_FILE, HELDOUT_FILE, EASY_TRAIN_FILE, EASY_HELDOUT_FILE)
-    for name, problems in zip(names, (train, heldout, *easy), strict=True):
+    names = (TRAIN_FILE, HELDOUT_FILE, EASY_TRAIN_FILE, EASY_HELDOUT_FILE, EASY_HELDOUT200_FILE)
+    splits = (train, heldout, *easy, build_easy_heldout200(train, heldout))
+    for name, problems in zip(names, splits, strict=True):
         with (args.out / name).open("w", encoding="utf-8", newline="\n") as f:
             for problem in problems:
                 f.write(json.dumps(problem.row(), ensure_ascii=False) + "\n")
