@@ -25,7 +25,7 @@ from posttrain.model.load import load_causal_lm, load_tokenizer, local_model_pro
 from posttrain.rollout.compare import distribution, sampled_kl, win_rate
 from posttrain.rollout.generate import SamplingParams
 from posttrain.training.offline import evaluate
-from posttrain.training.rollouts import Scorer, default_generator, method_rewards, sample
+from posttrain.training.rollouts import Scorer, default_generator, method_rewards, policy_and_reference_logps, sample
 from posttrain.training.tasks import task_for
 
 
@@ -101,9 +101,7 @@ def compare_generations(
                      "truncated": float(s.truncated.double().mean()),
                      **{f"reward/{k}": float(v.mean()) for k, v in s.per_reward.items()}}  # fmt: skip
     if temp > 0:  # a KL estimate needs samples from the policy's own (tempered) distribution
-        s, score = drawn["policy"], Scorer(config, device, temperature=temp)
-        rows = [slice(i, i + 16) for i in range(0, len(s.rewards), 16)]
-        with torch.no_grad():
-            pol, ref = ([score(m, s, r).logps.double().cpu() for r in rows] for m in (policy, reference))
-        out.update(sampled_kl(torch.cat(pol), torch.cat(ref), s.loss_mask))
+        s = drawn["policy"]
+        pol, ref = policy_and_reference_logps(Scorer(config, device, temperature=temp), policy, reference, s)
+        out.update(sampled_kl(pol, ref, s.loss_mask))
     return out

@@ -269,6 +269,13 @@ def _saved_differences(stage: Stage) -> list[str]:
     return config_changes(saved, stage.config.to_dict(), RESUME_MAY_CHANGE)  # (a moved pipeline: no change)
 
 
+def _refers_to(stage: Stage, earlier: Stage) -> bool:
+    """Whether ``stage``'s config names ``earlier``'s model (``stage:NAME`` resolved: a reward model ...)."""
+    import json
+
+    return str(earlier.output_dir / "model") in json.dumps(stage.config.to_dict(), default=str)
+
+
 def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:
     """Mark the finished stages as done; refuse output directories that a run would clash with (a stage that
     posttrain marked as failed or killed before its first checkpoint starts again in place)."""
@@ -278,7 +285,8 @@ def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:
     for stage in stages:
         has_files = stage.output_dir.is_dir() and any(stage.output_dir.iterdir())
         if stage.finished():
-            pending = [s.name for s in out if not s.done]
+            # Only a stage built on an unfinished earlier one is stale (a grid's independent runs are not).
+            pending = [s.name for s in out if not s.done and (stage.chained or _refers_to(stage, s))]
             if pending:
                 raise ConfigError(
                     f"{stage.label}: {stage.output_dir} holds a finished run, but the earlier stage {pending[0]!r} "

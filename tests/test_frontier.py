@@ -43,8 +43,9 @@ def test_grid_expands_to_unchained_runs_with_checkpoints_along_the_path() -> Non
     stages = grid.pipeline["stages"]
     assert all(s["model"] == "some/model" for s in stages)  # none starts from another's model
     assert [s.get("beta") for s in stages[:2]] == [0.01, 0.1]
-    # 3 points: every ceil(10 / 3) = 4 steps; one round of 9 steps: every 3; 3 rounds: the round models.
-    assert [s.get("save_steps") for s in stages] == [4, 4, 3, None]
+    # 3 points: every 10 // 3 = 3 steps (3, 6, 9 and the final 10); one round of 9 steps: every 3; 3 rounds:
+    # the round models are the points.
+    assert [s.get("save_steps") for s in stages] == [3, 3, 3, None]
     assert grid.eval_data == "bundled:sentiment_heldout.jsonl"
     assert [r.name for r in select(grid, ["online-dpo"]).runs] == ["online-dpo"]
 
@@ -59,6 +60,12 @@ def test_grid_expands_to_unchained_runs_with_checkpoints_along_the_path() -> Non
         ({"grid": [{"method": "grpo", "model": "x"}]}, "grid[0].model: set by the frontier"),
         ({"grid": [{"method": "grpo"}, {"method": "grpo"}]}, "grid[1].label: 'grpo' is already the label"),
         ({"stages": [{"method": "dpo"}]}, "stages: a frontier config lists its runs under `grid`"),
+        ({"grid": [{"method": "grpo", "vary": {"model": ["a", "b"]}}]}, "grid[0].vary.model: set by the frontier"),
+        ({"grid": [{"method": "grpo", "label": "frontier"}]}, "grid[0].label: 'frontier' is the name of a folder"),
+        (
+            {"grid": [{"method": "iterative_dpo", "rounds": 1}]},
+            "iterative_dpo: steps_per_round: needed to save 3 points along 1 round(s)",
+        ),
     ],
 )
 def test_grid_mistakes_are_one_line_each(changes: dict[str, Any], message: str) -> None:
@@ -146,4 +153,36 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["frontier", str(EXAMPLE), "--quick", "--set", f"output_dir={out}"]) == 0
     again = capsys.readouterr().out
     assert again.count("finished earlier, reused") == 10
+    assert again.count(" s)") == 0 and again.count("(reused)") == 30  # no point measured again
     assert json.loads((folder / "frontier.json").read_text()) == result
+
+
+def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``--only`` trains one curve; the next sitting trains the rest (a fresh iterative run under --resume
+    starts), reuses the finished run and its points, and the table holds every run."""
+    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(6)))
+    heldout.write_text("".join(json.dumps({"prompt": f"Held-out {i}: say a word."}) + "\n" for i in range(3)))
+    config: dict[str, Any] = {
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "grid"), "seed": 0,
+        "data": {"train": str(train), "eval": str(heldout), "max_length": 64, "chat_template": False},
+        "rewards": [{"name": "regex_format", "pattern": "e"}], "generation": {"max_new_tokens": 6},
+        "learning_rate": 1e-3, "warmup_ratio": 0.0,
+        "grid": [
+            {"method": "grpo", "max_steps": 2, "batch_size": 2, "num_generations": 2},
+            {"label": "dpo-offline", "method": "iterative_dpo", "rounds": 1, "steps_per_round": 2, "batch_size": 1,
+             "num_generations": 6, "prompts_per_round": 6},
+        ],
+        "frontier": {"points": 2, "shown": 1},
+    }  # fmt: skip
+    lines: list[str] = []
+    first = run_frontier(config, only=["grpo"], log=lines.append)
+    assert [r["run"] for r in first["runs"]] == ["grpo"] and len(first["runs"][0]["points"]) == 2
+    lines.clear()
+    second = run_frontier(config, resume=True, log=lines.append)
+    assert [r["run"] for r in second["runs"]] == ["grpo", "dpo-offline"]
+    assert second["runs"][0] == first["runs"][0] and second["start"] == first["start"]
+    assert any("grpo: finished earlier, reused" in line for line in lines)
+    assert sum("(reused)" in line for line in lines) == 2  # the grpo points, not measured again
+    assert [p["step"] for p in second["runs"][1]["points"]] == [1, 2]
+    assert json.loads((tmp_path / "grid" / "frontier.json").read_text()) == second

@@ -20,15 +20,20 @@ from posttrain.frontier.grid import Grid, quick, read_grid, select
 __all__ = ["run_frontier"]
 
 
-def _check(grid: Grid) -> list[Any]:
-    """Every run's config, checked: one set of rewards, held-out prompts unseen."""
+def _check(grid: Grid, resume: bool) -> list[Any]:
+    """Every run checked before anything is written (its config, output folder and data rows, as a pipeline
+    checks its stages), one set of rewards and one reference for all, held-out prompts unseen in training.
+    Returns the stages, the finished ones marked ``done``."""
     from posttrain.data.formats import read_rows, resolve_source
-    from posttrain.pipeline import stages_of
+    from posttrain.pipeline import validate
 
-    stages = stages_of(grid.pipeline)
+    stages = validate(grid.pipeline, resume=resume)
+    first = stages[0].config
     for stage in stages:
-        if stage.config.rewards != stages[0].config.rewards:
+        if stage.config.rewards != first.rewards:
             raise ConfigError(f"{stage.label}: rewards: every run of a frontier is scored by the same rewards")
+        if (stage.config.reference.model or stage.config.model) != (first.reference.model or first.model):
+            raise ConfigError(f"{stage.label}: reference.model: every run of a frontier is measured against its model")
     heldout = {str(row.get("prompt")): n for n, row in read_rows(resolve_source(grid.eval_data))}
     for source in dict.fromkeys(s.config.data.train for s in stages):
         for number, row in read_rows(resolve_source(source)):
@@ -45,45 +50,66 @@ def run_frontier(
     quick_mode: bool = False, only: Sequence[str] = (), log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Train the grid's runs in order, finished runs reused; after each run, measure its points and rewrite
-    the table and the plot with every run measured so far (a grid stopped part way has its figures). ``only``:
-    the labels of the curves to train and measure (the others are left alone). Returns the result."""
+    the table and the plot with every finished run of the grid (a grid stopped part way has its figures).
+    ``only``: the labels of the curves to train now (the table keeps the others' finished runs). Returns
+    the result (what frontier.json holds)."""
     from posttrain.frontier.output import write_all
     from posttrain.frontier.points import PointMeter, path_points, spread
     from posttrain.pipeline import run_pipeline
 
     grid = read_grid(source, list(overrides))
-    if only:
-        grid = select(grid, only)
     if quick_mode:
         grid = quick(grid)
-    stages = _check(grid)
+    every = _check(grid, resume)  # the whole grid: its finished runs are in the table
+    training = select(grid, only) if only else grid
+    names = {r.name for r in training.runs}
+    stages = [s for s in every if s.name in names]
     settings = grid.settings
     meter = PointMeter(stages[0].config, settings, grid.eval_data)
     cache = grid.output_dir / "frontier" / "points"
-    log(f"frontier: {len(stages)} runs; measuring the starting model on {len(meter.prompts)} held-out prompts")
-    start = meter.measure(None, cache / "start.json")
+    measured: dict[str, list[dict[str, Any]]] = {}
     result: dict[str, Any] = {"output_dir": str(grid.output_dir), "data": grid.eval_data, "samples": settings.samples,
-                              "seed": settings.seed, "start": start, "runs": []}  # fmt: skip
-    runs = {r.name: r for r in grid.runs}
-    done = {s.name for s in stages if s.finished()}
-    started = [time.monotonic()]
+                              "seed": settings.seed, "start": None, "runs": []}  # fmt: skip
 
-    def measure(stage: Any, trained: Any) -> None:
-        spent = time.monotonic() - started[0]
-        how = "finished earlier, reused" if stage.name in done else f"trained in {spent / 60:.1f} min"
-        log(f"frontier: run {stage.index + 1}/{len(stages)} {stage.name}: {how} ({trained.steps} steps)")
-        run, measured = runs[stage.name], []
+    def shown(figures: dict[str, Any]) -> dict[str, Any]:  # the cache keeps every sample; the table a few
+        return {**figures, "shown": figures["shown"][: settings.shown]}
+
+    def points_of(stage: Any) -> list[dict[str, Any]]:
+        run, out = grid.runs[[r.name for r in grid.runs].index(stage.name)], []
         for point in spread(path_points(stage.output_dir), settings.points):
             t0 = time.monotonic()
             figures = meter.measure(point.model, cache / run.name / f"step-{point.step:06d}.json")
             log(f"frontier: {run.name} step {point.step}: reward {figures['reward']:.3f}, KL {figures['kl']:.2f} "
-                f"nats, distinct-2 {figures['distinct_2']:.3f} ({time.monotonic() - t0:.0f} s)")  # fmt: skip
-            measured.append({"step": point.step, "model": str(point.model), **figures})
-        result["runs"].append({"run": run.name, "label": run.label, "strength": run.strength, "points": measured})
+                f"nats, distinct-2 {figures['distinct_2']:.3f} "
+                f"({'reused' if meter.reused else f'{time.monotonic() - t0:.0f} s'})")  # fmt: skip
+            out.append({"step": point.step, "model": str(point.model), **shown(figures)})
+        return out
+
+    def write() -> None:
+        result["runs"] = [
+            {"run": r.name, "label": r.label, "strength": r.strength, "points": measured[r.name]}
+            for r in grid.runs if r.name in measured
+        ]  # fmt: skip
         for note in write_all(result, grid.output_dir):
             log(f"frontier: {note}")
+
+    started = [time.monotonic()]
+
+    def after(stage: Any, trained: Any) -> None:
+        if result["start"] is None:  # (inside the grid's lock, after its checks: the first thing measured)
+            log(f"frontier: measuring the starting model on {len(meter.prompts)} held-out prompts")
+            result["start"] = shown(meter.measure(None, cache / "start.json"))
+            for other in every:  # finished runs of other curves (--only) are in the table too
+                if other.done and other.name not in names:
+                    measured[other.name] = points_of(other)
+        path = path_points(stage.output_dir)
+        how = "finished earlier, reused" if stage.done else f"trained in {(time.monotonic() - started[0]) / 60:.1f} min"
+        log(f"frontier: run {[s.name for s in stages].index(stage.name) + 1}/{len(stages)} {stage.name}: {how} "
+            f"({path[-1].step if path else 0} steps)")  # fmt: skip
+        measured[stage.name] = points_of(stage)
+        write()
         started[0] = time.monotonic()
 
-    run_pipeline(grid.pipeline, resume=resume, on_stage=measure)
+    run_pipeline(training.pipeline, resume=resume, on_stage=after)
     log(f"frontier: wrote {grid.output_dir / 'frontier.md'}, frontier.json, frontier.html")
     return result

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from posttrain.fields import nearest
 from posttrain.pipeline import NAME, read_raw
 
 FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data")
+RESERVED = ("frontier", "quick-model", "quick-data")
+"""Folder names of ``output_dir`` that the frontier itself writes: not run labels."""
 GRID_KEYS = ("label", "vary")
 
 
@@ -130,6 +133,8 @@ def _expand(raw: dict[str, Any]) -> Grid:
         label, vary = entry.pop("label", entry["method"]), entry.pop("vary", None)
         if not isinstance(label, str) or not NAME.fullmatch(label):
             raise ConfigError(f"grid[{i}].label: expected letters, digits, '.', '_' or '-', got {label!r}")
+        if label in RESERVED:
+            raise ConfigError(f"grid[{i}].label: {label!r} is the name of a folder the frontier writes; choose another")
         if any(r.label == label for r in runs):
             raise ConfigError(f"grid[{i}].label: {label!r} is already the label of an earlier entry")
         for key in ("name", "output_dir", "model"):
@@ -140,6 +145,8 @@ def _expand(raw: dict[str, Any]) -> Grid:
             if not isinstance(vary, dict) or len(vary) != 1:
                 raise ConfigError(f"grid[{i}].vary: expected one key and its list of values, got {vary!r}")
             ((key, values),) = vary.items()
+            if key in ("name", "output_dir", "model", "method"):
+                raise ConfigError(f"grid[{i}].vary.{key}: set by the frontier, not a strength to vary")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"grid[{i}].vary.{key}: expected a non-empty list of values, got {values!r}")
             variants = [(f"{key}={_value_name(v)}", {key: v}) for v in values]
@@ -172,14 +179,18 @@ def _add_save_steps(pipeline: dict[str, Any], points: int) -> None:
         if method == "iterative_dpo":
             rounds = int(stage.get("rounds", pipeline.get("rounds", 1)))
             steps = stage.get("steps_per_round", pipeline.get("steps_per_round"))
-            if rounds >= points or not isinstance(steps, int):
-                continue
-            per_round = math.ceil(points / rounds)
-            stage["save_steps"] = max(1, math.ceil(steps / per_round))
+            if rounds >= points:
+                continue  # the rounds' models are the points
+            if not isinstance(steps, int):
+                raise ConfigError(
+                    f"{stage['name']}: steps_per_round: needed to save {points} points along {rounds} round(s) "
+                    "(or give save_steps)"
+                )
+            stage["save_steps"] = max(1, steps // math.ceil(points / rounds))
         else:
             steps = stage.get("max_steps", pipeline.get("max_steps"))
             if isinstance(steps, int) and steps > 0:
-                stage["save_steps"] = max(1, math.ceil(steps / points))
+                stage["save_steps"] = max(1, steps // points)  # at least `points` models; spread() picks
 
 
 def select(grid: Grid, labels: Sequence[str]) -> Grid:
@@ -210,7 +221,11 @@ def quick(grid: Grid) -> Grid:
     out = grid.output_dir.with_name(grid.output_dir.name + "-quick")
     model_dir = out / "quick-model"
     if not (model_dir / "config.json").is_file():
-        save_tiny(model_dir, chat_template=None)
+        tmp = out / ".quick-model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tiny(tmp, chat_template=None)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)  # whole or absent: a killed write is not reused
     pipeline = copy.deepcopy(grid.pipeline)
     data = dict(pipeline.get("data") or {})
     for key in ("train", "eval"):
@@ -252,5 +267,7 @@ def _first_rows(source: str, target: Path) -> Path:
         if len(rows) == QUICK_ROWS:
             break
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(target)
     return target

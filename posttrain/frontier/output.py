@@ -104,8 +104,10 @@ def png(result: dict[str, Any], path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    tmp.replace(path)
     return None
 
 

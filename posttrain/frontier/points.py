@@ -15,6 +15,7 @@ A measured point is written to ``OUTPUT_DIR/frontier/points/RUN/STEP.json`` with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -29,9 +30,9 @@ from posttrain.data.prompts import PromptRecord, load_prompts
 from posttrain.data.tokenize import Renderer
 from posttrain.frontier.grid import FrontierSettings
 from posttrain.model.load import load_causal_lm, load_tokenizer
-from posttrain.rollout.compare import distinct_n
+from posttrain.rollout.compare import distinct_n, sequence_log_ratio
 from posttrain.rollout.generate import SamplingParams
-from posttrain.training.rollouts import Scorer, default_generator, method_rewards, sample
+from posttrain.training.rollouts import Scorer, default_generator, method_rewards, policy_and_reference_logps, sample
 
 STEP_DIR = re.compile(r"step-(\d+)")
 ROUND_DIR = re.compile(r"round-(\d+)")
@@ -83,7 +84,7 @@ def spread(points: list[Point], count: int) -> list[Point]:
     """``count`` points spread evenly along the path, the last one always in (all of them when fewer).
 
     >>> [p.step for p in spread([Point(s, Path(".")) for s in range(1, 11)], 3)]
-    [4, 7, 10]
+    [3, 7, 10]
     """
     if len(points) <= count:
         return points
@@ -120,19 +121,23 @@ class PointMeter:
         self.scorer = Scorer(config, self.device, temperature=1.0)
 
     def settings_key(self) -> dict[str, Any]:
-        s = self.settings
-        return {"data": self.eval_data, "samples": s.samples, "seed": s.seed, "shown": s.shown,
-                "max_new_tokens": self.params.max_new_tokens, "rewards": self.config.rewards,
-                "reference": self.config.reference.model or self.config.model}  # fmt: skip
+        """Everything that changes what a point's samples are or how they are scored, as JSON reads it back."""
+        s, c = self.settings, self.config
+        key = {"data": self.eval_data, "samples": s.samples, "seed": s.seed, "generation": c.generation,
+               "chat_template": c.data.chat_template, "split": c.data.split, "prompt_limit": c.data.prompt_limit,
+               "precision": c.precision, "rewards": c.rewards, "reference": c.reference.model or c.model}  # fmt: skip
+        return json.loads(json.dumps(key, default=lambda o: dataclasses.asdict(o)))
 
     def measure(self, model: Path | None, cache: Path | None = None) -> dict[str, Any]:
         """The figures of ``model`` (None: the reference itself, the point at KL 0), reused from ``cache``
         when it holds this model's figures under these settings."""
         key = {"model": str(model) if model else None, "fingerprint": fingerprint(model) if model else None,
                "settings": self.settings_key()}  # fmt: skip
+        self.reused = False
         if cache is not None and cache.is_file():
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
+                self.reused = True
                 return dict(saved["figures"])
         figures = self._measure(model)
         if cache is not None:
@@ -150,19 +155,13 @@ class PointMeter:
         n = len(s.rewards)
         kl = torch.zeros(n, dtype=torch.float64)
         if model is not None:
-            parts = []
-            with torch.no_grad():
-                for start in range(0, n, 16):
-                    rows = slice(start, start + 16)
-                    pol = self.scorer(policy, s, rows).logps.double()
-                    ref = self.scorer(self.reference, s, rows).logps.double()
-                    parts.append(((pol - ref) * s.loss_mask[rows].to(pol.device)).sum(-1).cpu())
-            kl = torch.cat(parts)
+            pol, ref = policy_and_reference_logps(self.scorer, policy, self.reference, s)
+            kl = sequence_log_ratio(pol, ref, s.loss_mask)
         completions = list(s.texts)  # what the rewards scored
         per_prompt = [p for p in self.prompts for _ in range(self.settings.samples)]
         rewards = s.rewards.tolist()
         shown = [{"prompt": p.text, "completion": c, "reward": round(float(r), 4)}
-                 for p, c, r in zip(per_prompt, completions, rewards, strict=True)][: self.settings.shown]  # fmt: skip
+                 for p, c, r in zip(per_prompt, completions, rewards, strict=True)]  # fmt: skip
         return {
             "reward": float(s.rewards.mean()), "reward_se": _se(s.rewards),
             "kl": float(kl.mean()), "kl_se": _se(kl),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["distinct_n", "distribution", "sampled_kl", "win_rate"]
+__all__ = ["distinct_n", "distribution", "sampled_kl", "sequence_log_ratio", "win_rate"]
 
 
 def win_rate(policy: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
@@ -65,7 +65,18 @@ def sampled_kl(policy_logps: Tensor, ref_logps: Tensor, mask: Tensor) -> dict[st
     m = mask.to(policy_logps.dtype)
     log_ratio = (policy_logps - ref_logps) * m  # (N, T)
     k3 = (torch.expm1(-log_ratio) + log_ratio) * m  # exp(ref - pol) - 1 - (ref - pol)
-    return {"kl_seq": float(log_ratio.sum(-1).mean()), "kl_token_k3": float(k3.sum() / m.sum().clamp(min=1))}
+    kl_seq = float(sequence_log_ratio(policy_logps, ref_logps, mask).mean())
+    return {"kl_seq": kl_seq, "kl_token_k3": float(k3.sum() / m.sum().clamp(min=1))}
+
+
+def sequence_log_ratio(policy_logps: Tensor, ref_logps: Tensor, mask: Tensor) -> Tensor:
+    """``(N,)``: each sample's summed log-ratio ``sum_t (pol - ref)`` over its completion ``mask``; on samples
+    from the policy, its mean is the k1 estimate of the sequence-level KL(policy || reference).
+
+    >>> sequence_log_ratio(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -3.0]]), torch.tensor([[True, False]]))
+    tensor([0.5000])
+    """
+    return ((policy_logps - ref_logps) * mask.to(policy_logps.dtype)).sum(-1)
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:

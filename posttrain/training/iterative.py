@@ -65,7 +65,9 @@ def run_iterative(
     alg = config.algorithm
     assert isinstance(alg, IterativeDPO)
     determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
-    if resume:
+    path = Path(config.output_dir)
+    if resume and rundir.inspect(path).entries and not rundir.restartable(path):
+        # (nothing to resume: an empty, new or restartable folder simply starts, as a pipeline's --resume expects)
         raise ConfigError("--resume: not supported for iterative_dpo yet (each round's offline run is resumable)")
     with rundir.claim(Path(config.output_dir), resume=False) as folder:  # locked; its rounds are covered
         return _rounds(config, folder.path, generator_factory)

@@ -152,6 +152,17 @@ def sample(
     )  # fmt: skip
 
 
+def policy_and_reference_logps(
+    score: Scorer, policy: nn.Module, reference: nn.Module, s: Samples, rows: int = 16
+) -> tuple[Tensor, Tensor]:
+    """``(N, T)`` log-probs of every sample of ``s`` under ``policy`` and under ``reference`` (float64, on the
+    host), scored ``rows`` at a time without gradients: what a KL measured on samples reads."""
+    chunks = [slice(i, i + rows) for i in range(0, len(s.rewards), rows)]
+    with torch.no_grad():
+        pol, ref = ([score(m, s, r).logps.double().cpu() for r in chunks] for m in (policy, reference))
+    return torch.cat(pol), torch.cat(ref)
+
+
 def select_groups(s: Samples, groups: Tensor, n: int) -> Samples:
     """The samples of the groups (prompts) where ``groups`` (P,) is True."""
     rows = groups.repeat_interleave(n)
