@@ -81,7 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="the whole frontier on a tiny model and a few prompts, in seconds"
     )
     frontier.add_argument(
-        "--only", action="append", default=[], metavar="LABEL", help="train and measure only this curve; repeatable"
+        "--only",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="train now only this curve (a label) or run (a name); repeatable",
     )
 
     recommend = sub.add_parser("recommend", help="suggest methods and a starting config for a data file")

@@ -75,8 +75,9 @@ def test_grid_mistakes_are_one_line_each(changes: dict[str, Any], message: str) 
 
 
 def test_unknown_only_label_names_the_labels() -> None:
-    with pytest.raises(ConfigError, match=r"--only: 'grop' is not a label of the grid.*did you mean 'grpo'"):
+    with pytest.raises(ConfigError, match=r"--only: 'grop' is not a label or run of the grid.*did you mean 'grpo'"):
         select(read_grid(grid_config()), ["grop"])
+    assert [r.name for r in select(read_grid(grid_config()), ["grpo-beta-0.1"]).runs] == ["grpo-beta-0.1"]
 
 
 def test_points_follow_the_path_across_rounds(tmp_path: Path) -> None:

@@ -193,15 +193,14 @@ def _add_save_steps(pipeline: dict[str, Any], points: int) -> None:
                 stage["save_steps"] = max(1, steps // points)  # at least `points` models; spread() picks
 
 
-def select(grid: Grid, labels: Sequence[str]) -> Grid:
-    """The grid's runs of the curves ``labels`` only (``--only``): a grid trained curve by curve."""
-    known = list(dict.fromkeys(r.label for r in grid.runs))
-    for label in labels:
-        if label not in known:
-            raise ConfigError(
-                f"--only: {label!r} is not a label of the grid{nearest(label, known)}; labels: {', '.join(known)}"
-            )
-    keep = [i for i, r in enumerate(grid.runs) if r.label in labels]
+def select(grid: Grid, only: Sequence[str]) -> Grid:
+    """The grid's runs named by ``only`` (``--only``): a curve's label (all its runs) or one run's name."""
+    known = list(dict.fromkeys([*(r.label for r in grid.runs), *(r.name for r in grid.runs)]))
+    for name in only:
+        if name not in known:
+            raise ConfigError(f"--only: {name!r} is not a label or run of the grid{nearest(name, known)}; "
+                              f"labels: {', '.join(dict.fromkeys(r.label for r in grid.runs))}")  # fmt: skip
+    keep = [i for i, r in enumerate(grid.runs) if r.label in only or r.name in only]
     pipeline = {**grid.pipeline, "stages": [grid.pipeline["stages"][i] for i in keep]}
     return dataclasses.replace(grid, pipeline=pipeline, runs=[grid.runs[i] for i in keep])
 
