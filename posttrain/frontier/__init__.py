@@ -96,6 +96,7 @@ def run_frontier(
     started = [time.monotonic()]
 
     def after(stage: Any, trained: Any) -> None:
+        spent = time.monotonic() - started[0]
         if result["start"] is None:  # (inside the grid's lock, after its checks: the first thing measured)
             log(f"frontier: measuring the starting model on {len(meter.prompts)} held-out prompts")
             result["start"] = shown(meter.measure(None, cache / "start.json"))
@@ -103,7 +104,7 @@ def run_frontier(
                 if other.done and other.name not in names:
                     measured[other.name] = points_of(other)
         path = path_points(stage.output_dir)
-        how = "finished earlier, reused" if stage.done else f"trained in {(time.monotonic() - started[0]) / 60:.1f} min"
+        how = "finished earlier, reused" if stage.done else f"trained in {spent / 60:.1f} min"
         log(f"frontier: run {[s.name for s in stages].index(stage.name) + 1}/{len(stages)} {stage.name}: {how} "
             f"({path[-1].step if path else 0} steps)")  # fmt: skip
         measured[stage.name] = points_of(stage)
