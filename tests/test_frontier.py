@@ -98,6 +98,8 @@ def test_points_follow_the_path_across_rounds(tmp_path: Path) -> None:
     (run / "summary.json").write_text(json.dumps({"steps": 7}))
     assert [p.step for p in path_points(run)] == [3, 6, 7]
     assert [p.step for p in spread([Point(s, tmp_path) for s in (1, 2, 3, 4, 5, 6)], 3)] == [2, 4, 6]
+    # by step, not by index: checkpoints every 10 steps and a final model at 32 give 10, 20, 32 (not 10, 30, 32)
+    assert [p.step for p in spread([Point(s, tmp_path) for s in (10, 20, 30, 32)], 3)] == [10, 20, 32]
 
 
 def test_heldout_prompts_that_are_also_training_prompts_are_refused(tmp_path: Path) -> None:
@@ -108,6 +110,25 @@ def test_heldout_prompts_that_are_also_training_prompts_are_refused(tmp_path: Pa
     config = grid_config(data={"train": str(train), "eval": str(heldout)}, output_dir=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=r"heldout.jsonl: row 2: the prompt is also row 2 of the training data"):
         run_frontier(config, quick_mode=True, log=lambda _: None)
+
+
+def test_a_reward_module_next_to_the_yaml_is_found(tmp_path: Path) -> None:
+    """A ``module:function`` reward beside the frontier's YAML is imported from there (as ``posttrain train``
+    does): the check goes past the rewards and stops at the held-out overlap planted here."""
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "frontier_probe_reward_beside_yaml.py").write_text(
+        "def score(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
+    )
+    rows = '{"prompt": "The film was"}\n{"prompt": "The plot of"}\n'
+    (folder / "train.jsonl").write_text(rows)
+    (folder / "heldout.jsonl").write_text(rows)
+    config = grid_config(data={"train": str(folder / "train.jsonl"), "eval": str(folder / "heldout.jsonl")},
+                         output_dir=str(tmp_path / "out"), rewards=["frontier_probe_reward_beside_yaml:score"])  # fmt: skip
+    config["grid"] = config["grid"][:1]
+    (folder / "frontier.yaml").write_text(json.dumps(config))  # JSON is YAML
+    with pytest.raises(ConfigError, match=r"heldout.jsonl: row 1: the prompt is also row 1"):
+        run_frontier(folder / "frontier.yaml", quick_mode=True, log=lambda _: None)
 
 
 def test_bundled_sentiment_heldout_prompts_are_unseen_in_training() -> None:

@@ -25,8 +25,15 @@ def _check(grid: Grid, resume: bool) -> list[Any]:
     checks its stages), one set of rewards and one reference for all, held-out prompts unseen in training.
     Returns the stages, the finished ones marked ``done``."""
     from posttrain.data.formats import read_rows, resolve_source
+    from posttrain.config.loader import check_rewards
     from posttrain.pipeline import validate
 
+    if grid.folder is not None:  # a reward module next to the YAML: imported from there now, found by the runs
+        for stage in [grid.pipeline, *grid.pipeline["stages"]]:
+            try:
+                check_rewards(stage.get("rewards") or (), (grid.folder,))
+            except ConfigError as err:
+                raise ConfigError(f"{stage.get('name', 'frontier')}: {err}") from err
     stages = validate(grid.pipeline, resume=resume)
     first = stages[0].config
     for stage in stages:

@@ -87,6 +87,8 @@ class Grid:
     settings: FrontierSettings
     output_dir: Path
     eval_data: str
+    folder: Path | None = None
+    """The config file's folder (None for a dict): a reward ``module:function`` is looked for there first."""
 
 
 def _value_name(value: Any) -> str:
@@ -98,9 +100,10 @@ def read_grid(source: str | Path | dict[str, Any], overrides: list[str] | tuple[
     raw = apply_overrides(read_raw(source), list(overrides))
     where = f"{source}: " if isinstance(source, (str, Path)) else ""
     try:
-        return _expand(raw)
+        grid = _expand(raw)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from err
+    return dataclasses.replace(grid, folder=Path(source).parent) if isinstance(source, (str, Path)) else grid
 
 
 def _expand(raw: dict[str, Any]) -> Grid:
@@ -255,7 +258,7 @@ def quick(grid: Grid) -> Grid:
         for key in ("micro_batch_size", "eval_steps", "critic_warmup_steps"):
             stage.pop(key, None)
     settings = dataclasses.replace(grid.settings, data=eval_data)
-    return Grid(pipeline, grid.runs, settings, out, eval_data)
+    return Grid(pipeline, grid.runs, settings, out, eval_data, grid.folder)
 
 
 def _first_rows(source: str, target: Path) -> Path:

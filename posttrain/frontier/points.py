@@ -81,16 +81,24 @@ def path_points(run: Path) -> list[Point]:
 
 
 def spread(points: list[Point], count: int) -> list[Point]:
-    """``count`` points spread evenly along the path, the last one always in (all of them when fewer).
+    """``count`` points spread evenly by step along the path: for each of the steps ``last * i / count``
+    (i = 1..count) the nearest model not yet taken, the final model always in (all of them when fewer).
 
     >>> [p.step for p in spread([Point(s, Path(".")) for s in range(1, 11)], 3)]
     [3, 7, 10]
+    >>> [p.step for p in spread([Point(s, Path(".")) for s in (10, 20, 30, 32)], 3)]
+    [10, 20, 32]
     """
     if len(points) <= count:
         return points
-    n = len(points)
-    picks = sorted({n - 1 - round(i * n / count) for i in range(count)})
-    return [points[i] for i in picks]
+    last = points[-1].step
+    left, chosen = list(points), []
+    for i in range(count, 0, -1):  # from the end: the final model first, ties go to the later model
+        target = last * i / count
+        best = min(reversed(left), key=lambda p: abs(p.step - target))
+        left.remove(best)
+        chosen.append(best)
+    return sorted(chosen, key=lambda p: p.step)
 
 
 def fingerprint(model: Path) -> str:
