@@ -1,7 +1,7 @@
 """The matmul peak of ``run.py --gpu``, in its own process: ``python3 child_peak.py SPEC_JSON``.
 
 SPEC_JSON (a JSON string, not a file): ``threads``, ``seconds``, ``n``, ``device`` (``cuda`` or ``cpu``),
-``dtype`` (``bfloat16``), ``result_file``. Runs :func:`run.measure_peak` (the best of repeated bursts of four
+``dtype`` (``bfloat16``), ``result_file``. Runs :func:`bench_peak.measure_peak` (the best of repeated bursts of four
 n x n matmuls, the device synchronised around each burst) and writes its figures to ``result_file``, with the
 device's name, memory and compute capability and torch's CUDA version under ``device_info``. Measured in a
 process of its own, like each training run: a CUDA context of its own, nothing else on the device.
@@ -17,7 +17,7 @@ from pathlib import Path
 def main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     import torch
-    from run import measure_peak  # benchmarks/ is on PYTHONPATH (run.child_env)
+    from bench_peak import measure_peak  # benchmarks/ is on PYTHONPATH (bench_runs.child_env)
 
     peak = measure_peak(spec["threads"], spec["seconds"], spec["n"], spec["device"], spec["dtype"])
     info = {"name": "cpu", "torch": torch.__version__}

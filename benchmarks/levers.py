@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import Case, build_fixtures, figures, measure_peak, parse_args, run_child
+from bench_peak import measure_peak
+from bench_runs import Case, figures, run_child
+from bench_settings import parse_args
+from run import build_fixtures
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,9 +1,22 @@
-"""The benchmark's markdown report: the throughput table, the step-1 and set-up checks, the notes."""
+"""The benchmark's report: the markdown (the throughput table, the step-1 and set-up checks, the notes), the
+facts of where it ran (machine, versions, the git commit), and the two files written (``write_report``)."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+from bench_settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def same_loss(a: float | None, b: float | None) -> str:
@@ -206,3 +219,70 @@ def grpo_token_check(row: dict[str, Any], report: dict[str, Any]) -> str:
     p = row["figures"].get("posttrain", {}).get("mean_completion_length")
     t = row["figures"].get("trl", {}).get("mean_completion_length")
     return f"n/a (mean completion length {fmt(p, 1)} vs {fmt(t, 1)})"
+
+
+# ---- facts and files
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("posttrain", "trl", "transformers", "torch", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured and the tracked files changed since: from git where the checkout has its .git, else
+    from BENCH_GIT_COMMIT / BENCH_GIT_STATUS (benchmarks/fetch_gpu_wheels.sh writes them for the GPU machine,
+    whose copy of the tree has no .git)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit, status = os.environ.get("BENCH_GIT_COMMIT", "unknown"), os.environ.get("BENCH_GIT_STATUS", "")
+    return {"commit": commit, "dirty": [line[3:] for line in status.splitlines() if line.strip()]}
+
+
+def write_report(s: Settings, out: Path, stem: str, fx: dict[str, Any], peak: dict[str, Any],
+                 device: dict[str, Any], rows: list[dict[str, Any]], notes: list[str], load_before: float,
+                 started: float) -> dict[str, Any]:  # fmt: skip
+    """Write OUT/<stem>.md (the tables, as printed) and OUT/<stem>.json (everything); return the report."""
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_before": load_before,
+        "versions": versions(),
+        "git": git_state(),
+        "settings": asdict(s),
+        "peak": peak,
+        "fixtures": {k: v for k, v in fx.items() if k != "data"},
+        "data": {batch: {"lengths": d["lengths"]} for batch, d in fx["data"].items()},
+        "rows": rows,
+        "notes": notes,
+        "total_s": time.perf_counter() - started,
+    }
+    if s.gpu:
+        report["device"] = device
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown(report))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
