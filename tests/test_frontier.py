@@ -123,8 +123,9 @@ def test_a_reward_module_next_to_the_yaml_is_found(tmp_path: Path) -> None:
     rows = '{"prompt": "The film was"}\n{"prompt": "The plot of"}\n'
     (folder / "train.jsonl").write_text(rows)
     (folder / "heldout.jsonl").write_text(rows)
-    config = grid_config(data={"train": str(folder / "train.jsonl"), "eval": str(folder / "heldout.jsonl")},
-                         output_dir=str(tmp_path / "out"), rewards=["frontier_probe_reward_beside_yaml:score"])  # fmt: skip
+    data = {"train": str(folder / "train.jsonl"), "eval": str(folder / "heldout.jsonl")}
+    reward = "frontier_probe_reward_beside_yaml:score"
+    config = grid_config(data=data, output_dir=str(tmp_path / "out"), rewards=[reward])
     config["grid"] = config["grid"][:1]
     (folder / "frontier.yaml").write_text(json.dumps(config))  # JSON is YAML
     with pytest.raises(ConfigError, match=r"heldout.jsonl: row 1: the prompt is also row 1"):

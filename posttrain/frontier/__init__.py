@@ -24,8 +24,8 @@ def _check(grid: Grid, resume: bool) -> list[Any]:
     """Every run checked before anything is written (its config, output folder and data rows, as a pipeline
     checks its stages), one set of rewards and one reference for all, held-out prompts unseen in training.
     Returns the stages, the finished ones marked ``done``."""
-    from posttrain.data.formats import read_rows, resolve_source
     from posttrain.config.loader import check_rewards
+    from posttrain.data.formats import read_rows, resolve_source
     from posttrain.pipeline import validate
 
     if grid.folder is not None:  # a reward module next to the YAML: imported from there now, found by the runs
