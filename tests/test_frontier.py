@@ -165,12 +165,13 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
             assert p["samples"] == 6 and len(p["shown"]) == 3
     assert any(abs(p["kl"]) > 1e-3 for run in result["runs"] for p in run["points"])  # the models moved
     page = (folder / "frontier.html").read_text()
-    assert "<svg" in page and "KL(policy || reference)" in page and "online-dpo beta=0.05" in page
+    assert "<svg" in page and "KL(policy || reference)" in page and "online-dpo beta=0.02" in page
     table = (folder / "frontier.md").read_text()
     assert table.count("\n| ") == 1 + 1 + 30  # header, start, 10 runs x 3 points
     assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     lines = capsys.readouterr().out
     assert lines.count("frontier: run ") == 10 and "trained in" in lines
+    assert lines.rstrip().splitlines()[-1].endswith("frontier.html, frontier.png")
 
     # A rerun reuses every run and every measured point.
     assert main(["frontier", str(EXAMPLE), "--quick", "--set", f"output_dir={out}"]) == 0

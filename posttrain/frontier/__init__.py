@@ -92,12 +92,16 @@ def run_frontier(
             out.append({"step": point.step, "model": str(point.model), **shown(figures)})
         return out
 
+    png = [False]  # whether the last write drew frontier.png (matplotlib is an extra)
+
     def write() -> None:
         result["runs"] = [
             {"run": r.name, "label": r.label, "strength": r.strength, "points": measured[r.name]}
             for r in grid.runs if r.name in measured
         ]  # fmt: skip
-        for note in write_all(result, grid.output_dir):
+        notes = write_all(result, grid.output_dir)
+        png[0] = not notes
+        for note in notes:
             log(f"frontier: {note}")
 
     started = [time.monotonic()]
@@ -119,5 +123,8 @@ def run_frontier(
         started[0] = time.monotonic()
 
     run_pipeline(training.pipeline, resume=resume, on_stage=after)
-    log(f"frontier: wrote {grid.output_dir / 'frontier.md'}, frontier.json, frontier.html")
+    log(
+        f"frontier: wrote {grid.output_dir / 'frontier.md'}, frontier.json, frontier.html"
+        + (", frontier.png" if png[0] else "")
+    )
     return result
