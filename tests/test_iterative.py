@@ -10,10 +10,10 @@ import pytest
 from support import BIT_EXACT, ON_CUDA, assert_same_causal_lm_run, write_word_prompts
 
 from posttrain.config import ConfigError, load
-from posttrain.training import checkpoint
 from posttrain.data.prompts import PromptRecord
 from posttrain.rollout.generate import ScriptedGenerator
 from posttrain.rollout.pairs import Pair, best_worst_pairs
+from posttrain.training import checkpoint
 from posttrain.training.iterative import round_prompts, run_iterative
 from posttrain.training.metrics import read_metrics
 
