@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ON_CUDA, write_word_prompts
+from support import BIT_EXACT, ON_CUDA, assert_same_causal_lm_run, write_word_prompts
 
-from posttrain.config import load
+from posttrain.config import ConfigError, load
 from posttrain.data.prompts import PromptRecord
 from posttrain.rollout.generate import ScriptedGenerator
 from posttrain.rollout.pairs import Pair, best_worst_pairs
+from posttrain.training import checkpoint
 from posttrain.training.iterative import round_prompts, run_iterative
 from posttrain.training.metrics import read_metrics
 
@@ -29,18 +30,23 @@ def test_pairing_and_tie_filtering_by_hand() -> None:
         best_worst_pairs([1.0, 0.0, 1.0], 2)
 
 
-def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> None:
-    path = tmp_path / "prompts.jsonl"
-    write_word_prompts(path, 8)
-    cfg: dict[str, Any] = {
-        "method": "iterative_dpo", "model": str(tiny_model_dir), "output_dir": str(tmp_path / "it"),
+def two_rounds(model_dir: Path, tmp_path: Path, out: str, **extra: Any) -> dict[str, Any]:
+    path = write_word_prompts(tmp_path / "prompts.jsonl", 8)
+    return {
+        "method": "iterative_dpo", "model": str(model_dir), "output_dir": str(tmp_path / out),
         "data": {"train": str(path), "eval": str(path), "max_length": 64},
         "rewards": [{"name": "regex_format", "pattern": "^yes$", "fullmatch": True}],
         "num_generations": 3, "rounds": 2, "steps_per_round": 2, "batch_size": 4, "learning_rate": 1e-3,
-        "reference_update": "initial",
+        "reference_update": "initial", **extra,
     }  # fmt: skip
-    factory = lambda m, t: ScriptedGenerator(t, ["yes", "no", "maybe"], score_model=m)  # noqa: E731
-    result = run_iterative(load(cfg), generator_factory=factory)
+
+
+def factory(model: Any, tokenizer: Any) -> ScriptedGenerator:
+    return ScriptedGenerator(tokenizer, ["yes", "no", "maybe"], score_model=model)
+
+
+def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run_iterative(load(two_rounds(tiny_model_dir, tmp_path, "it")), generator_factory=factory)
     rounds = result.summary["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in (1, 2):
@@ -68,3 +74,59 @@ def test_round_prompts_are_fresh_each_round_and_reproducible() -> None:
     first, second = round_prompts(prompts, 4, 0, 1), round_prompts(prompts, 4, 0, 2)
     assert len(first) == len({p.index for p in first}) == 4 and first != second
     assert round_prompts(prompts, 4, 0, 1) == first  # the same seed and round: the same prompts
+
+
+def test_a_run_killed_in_round_2_resumes_from_its_last_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after round 2's first checkpoint: a plain start is refused, a changed config too; ``--resume``
+    keeps round 1 and round 2's pairs (the model is sampled only for the closing held-out pass) and continues
+    round 2's offline run from its checkpoint: the same model and losses as a run never stopped."""
+    cfg = two_rounds(tiny_model_dir, tmp_path, "it", save_steps=1, **BIT_EXACT)
+    straight = run_iterative(load({**cfg, "output_dir": str(tmp_path / "straight")}), generator_factory=factory)
+    save, saves = checkpoint.save_checkpoint, []
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Path:
+        saves.append(save(*args, **kwargs))
+        if len(saves) == 3:  # round 1 saved steps 1 and 2; round 2 its step 1
+            raise KeyboardInterrupt("killed")
+        return saves[-1]
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_iterative(load(cfg), generator_factory=factory)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert saves[-1].relative_to(tmp_path / "it").as_posix() == "round-2/train/checkpoints/step-000001"
+    with pytest.raises(ConfigError, match=r"in round-2\); pass --resume to continue that run"):
+        run_iterative(load(cfg), generator_factory=factory)
+    with pytest.raises(ConfigError, match=r"--resume: the config differs .*learning_rate"):
+        run_iterative(load({**cfg, "learning_rate": 2e-3}), resume=True, generator_factory=factory)
+    sampled: list[int] = []
+    counting = lambda m, t: (sampled.append(1), factory(m, t))[1]  # noqa: E731
+    resumed = run_iterative(load(cfg), resume=True, generator_factory=counting)
+    assert len(sampled) == 1 and resumed.summary["rounds"] == straight.summary["rounds"]
+    assert_same_causal_lm_run(straight, resumed)
+
+
+def test_a_round_killed_while_sampling_samples_again(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A round folder without its round.json (killed while writing its pairs) is removed and sampled again."""
+    cfg = two_rounds(tiny_model_dir, tmp_path, "it", **BIT_EXACT)
+    straight = run_iterative(load({**cfg, "output_dir": str(tmp_path / "straight")}), generator_factory=factory)
+    calls: list[int] = []
+
+    def dies_in_round_2(model: Any, tokenizer: Any) -> ScriptedGenerator:
+        calls.append(1)
+        if len(calls) == 2:
+            (tmp_path / "it" / "round-2").mkdir()
+            (tmp_path / "it" / "round-2" / "pairs.jsonl").write_text('{"prompt": "half a')
+            raise KeyboardInterrupt("killed")
+        return factory(model, tokenizer)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_iterative(load(cfg), generator_factory=dies_in_round_2)
+    resumed = run_iterative(load(cfg), resume=True, generator_factory=factory)
+    assert resumed.summary["rounds"] == straight.summary["rounds"]
+    assert (tmp_path / "it" / "round-2" / "pairs.jsonl").read_text() == (
+        tmp_path / "straight" / "round-2" / "pairs.jsonl"
+    ).read_text()
+    assert_same_causal_lm_run(straight, resumed)

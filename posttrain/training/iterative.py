@@ -4,8 +4,14 @@ No loop of its own: each round's training is the offline loop (:func:`posttrain.
 the pairs the round saved, so every offline lever (reference cache, LoRA, checkpoints) applies, and each
 round's ``pairs.jsonl`` can be trained on again with ``posttrain train`` alone.
 
-Layout of ``output_dir``: ``round-1/pairs.jsonl``, ``round-1/train/`` (an offline run), ..., ``model/`` (the
-last round's model), ``summary.json``.
+Layout of ``output_dir``: ``config.yaml``, ``round-1/pairs.jsonl``, ``round-1/round.json`` (the round's figures,
+written with its pairs), ``round-1/train/`` (an offline run), ..., ``model/`` (the last round's model),
+``summary.json``.
+
+``--resume`` continues a killed or failed run round by round: a round whose training finished is kept as it
+is; a round whose pairs were written keeps them (sampling is not repeated) and resumes its offline run from
+its last checkpoint (or starts it again); a round killed while sampling starts again. The config must be the
+one the run was started with (as for an offline resume).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -30,7 +37,8 @@ from posttrain.report.card import write_card
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training import memory, rundir
-from posttrain.training.offline import RunResult, run
+from posttrain.training.metrics import read_metrics
+from posttrain.training.offline import RunResult, check_resumable, run
 from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards, sample_all
 
 
@@ -65,12 +73,41 @@ def run_iterative(
     alg = config.algorithm
     assert isinstance(alg, IterativeDPO)
     determinism.configure(config.deterministic)  # first: before anything starts CUDA (and cuBLAS)
-    path = Path(config.output_dir)
-    if resume and rundir.inspect(path).entries and not rundir.restartable(path):
-        # (nothing to resume: an empty, new or restartable folder simply starts, as a pipeline's --resume expects)
-        raise ConfigError("--resume: not supported for iterative_dpo yet (each round's offline run is resumable)")
-    with rundir.claim(Path(config.output_dir), resume=False) as folder:  # locked; its rounds are covered
+    with rundir.claim(Path(config.output_dir), resume) as folder:  # locked; its rounds are covered
         return _rounds(config, folder.path, generator_factory)
+
+
+def _same_config(config: TrainConfig, output_dir: Path) -> None:
+    """Write ``config.yaml``; a resumed run's must match it (refused in one line otherwise)."""
+    saved = output_dir / "config.yaml"
+    if saved.exists():
+        check_resumable(yaml.safe_load(saved.read_text()) or {}, config.to_dict())
+    elif distributed.is_main():
+        saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    distributed.barrier()
+
+
+def _saved_round(round_dir: Path) -> dict[str, Any] | None:
+    """The figures of a round whose pairs were written (a resumed run reuses them), else None; a round folder
+    without them (killed while sampling) is removed, so that the round samples again."""
+    saved = round_dir / "round.json"
+    if saved.exists():
+        return dict(json.loads(saved.read_text()))
+    if distributed.is_main() and round_dir.exists():
+        shutil.rmtree(round_dir)
+    distributed.barrier()
+    return None
+
+
+def _finished(train_dir: Path) -> RunResult | None:
+    """A round's offline run that finished (a resumed iterative run keeps it), else None."""
+    state = rundir.inspect(train_dir).state or {}
+    if state.get("state") != "finished" or not (train_dir / "model").is_dir():
+        return None
+    metrics = train_dir / "metrics.jsonl"
+    steps = max((m["step"] for m in read_metrics(metrics) if m.get("split") == "train"), default=0)
+    summary = json.loads((train_dir / "summary.json").read_text()) if (train_dir / "summary.json").exists() else {}
+    return RunResult(train_dir, train_dir / "model", metrics, steps, summary)
 
 
 def _rounds(
@@ -95,49 +132,59 @@ def _rounds(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model, rounds, result = config.model, [], None
     log = tqdm.write if distributed.is_main() else lambda _: None
+    _same_config(config, output_dir)
     for r in range(1, alg.rounds + 1):
-        # 1. Sample N answers per prompt from the current model and score them.
-        prompts = round_prompts(all_prompts, alg.prompts_per_round, config.seed, r)
-        policy = load_causal_lm(model, trainable=False).to(device)
-        generator = make_generator(policy, tokenizer)
-        heldout = heldout_figures(generator, reward_fn, eval_prompts, config, pad_id) if eval_prompts else {}
-        n = alg.num_generations
-        # The online methods' sampler: each process samples and scores its share, the shares gathered.
-        samples = sample_all(generator, reward_fn, prompts, n, params, config.seed + r, pad_id, False)
-        texts, scores = samples.texts, samples.rewards.tolist()
-        del generator, policy, samples
-        # 2. Best against worst; ties dropped. Saved as a preference data set (reusable offline).
-        # A pair whose texts are empty or decode identically carries no preference the data checks accept.
-        pairs = [
-            p for p in best_worst_pairs(scores, n, alg.tie_threshold)
-            if texts[p.chosen].strip() and texts[p.rejected].strip() and texts[p.chosen] != texts[p.rejected]
-        ]  # fmt: skip
         round_dir = output_dir / f"round-{r}"
         pairs_file = round_dir / "pairs.jsonl"
-        if distributed.is_main():  # every process holds the same pairs: the first one writes them
-            round_dir.mkdir(parents=True)
-            with pairs_file.open("w", encoding="utf-8") as f:
-                for pair in pairs:
-                    row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": texts[pair.chosen],
-                           "rejected": texts[pair.rejected], "score_chosen": scores[pair.chosen],
-                           "score_rejected": scores[pair.rejected]}  # fmt: skip
-                    f.write(json.dumps(row) + "\n")
-        distributed.barrier()
-        reward_mean = sum(scores) / len(scores)
-        info: dict[str, Any] = {"round": r, "pairs": len(pairs), "prompts": len(prompts), "reward_mean": reward_mean}
-        if heldout:
-            info["heldout_at_start"] = heldout
-        log(f"round {r}: mean reward {reward_mean:.3f}, {len(pairs)} pairs from {len(prompts)} prompts")
+        info = _saved_round(round_dir)
+        if info is None:
+            # 1. Sample N answers per prompt from the current model and score them.
+            prompts = round_prompts(all_prompts, alg.prompts_per_round, config.seed, r)
+            policy = load_causal_lm(model, trainable=False).to(device)
+            generator = make_generator(policy, tokenizer)
+            heldout = heldout_figures(generator, reward_fn, eval_prompts, config, pad_id) if eval_prompts else {}
+            n = alg.num_generations
+            # The online methods' sampler: each process samples and scores its share, the shares gathered.
+            samples = sample_all(generator, reward_fn, prompts, n, params, config.seed + r, pad_id, False)
+            texts, scores = samples.texts, samples.rewards.tolist()
+            del generator, policy, samples
+            # 2. Best against worst; ties dropped. Saved as a preference data set (reusable offline).
+            # A pair whose texts are empty or decode identically carries no preference the data checks accept.
+            pairs = [
+                p for p in best_worst_pairs(scores, n, alg.tie_threshold)
+                if texts[p.chosen].strip() and texts[p.rejected].strip() and texts[p.chosen] != texts[p.rejected]
+            ]  # fmt: skip
+            info = {"round": r, "pairs": len(pairs), "prompts": len(prompts), "reward_mean": sum(scores) / len(scores)}
+            if heldout:
+                info["heldout_at_start"] = heldout
+            if distributed.is_main():  # every process holds the same pairs: the first one writes them
+                round_dir.mkdir(parents=True)
+                with pairs_file.open("w", encoding="utf-8") as f:
+                    for pair in pairs:
+                        row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": texts[pair.chosen],
+                               "rejected": texts[pair.rejected], "score_chosen": scores[pair.chosen],
+                               "score_rejected": scores[pair.rejected]}  # fmt: skip
+                        f.write(json.dumps(row) + "\n")
+                tmp = round_dir / ".round.json.tmp"
+                tmp.write_text(json.dumps(info, indent=1))
+                tmp.replace(round_dir / "round.json")  # last: a round with round.json has all its pairs
+            distributed.barrier()
+        log(f"round {r}: mean reward {info['reward_mean']:.3f}, {info['pairs']} pairs from {info['prompts']} prompts")
         rounds.append(info)
-        if len(pairs) < config.batch_size:
+        if info["pairs"] < config.batch_size:
             log(f"round {r}: fewer pairs than batch_size ({config.batch_size}); stopping")
             break
-        # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would.
-        result = run(round_config(config, pairs_file, model, round_dir / "train"))
+        # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would (a finished
+        # round's run is kept; a killed one resumes from its last checkpoint or starts again).
+        train_dir = round_dir / "train"
+        resumed = train_dir.exists()
+        result = _finished(train_dir) or run(round_config(config, pairs_file, model, train_dir), resume=resumed)
         model = str(result.model_dir)
     if result is None:
         raise ConfigError("iterative_dpo: no round produced enough pairs to train; raise num_generations or rounds")
     if distributed.is_main():
+        if (output_dir / "model").exists():  # a resumed run killed while it copied
+            shutil.rmtree(output_dir / "model")
         shutil.copytree(result.model_dir, output_dir / "model")
     distributed.barrier()
     summary: dict[str, Any] = {"method": alg.name, "model": config.model, "rounds": rounds}

@@ -13,9 +13,11 @@ Besides what a run writes (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
 How a start treats the folder (:func:`claim`): missing or empty, a new run. A run posttrain marked as
 failed or killed before its first checkpoint starts again in place, with or without ``--resume`` (its files
 are removed, the folder says so in one line). With a checkpoint, ``--resume`` continues from the latest
-undamaged one and a plain start is refused. A finished run, a folder holding files posttrain did not write
-(no ``run_state.json``, or unknown names next to it), and ``--resume`` with no checkpoint to resume are
-refused in one line. Temporary folders of killed writes are removed at every start.
+undamaged one and a plain start is refused; an iterative DPO run's ``round-N/`` folders count as its
+checkpoints, which its ``--resume`` continues round by round (:mod:`posttrain.training.iterative`). A
+finished run, a folder holding files posttrain did not write (no ``run_state.json``, or unknown names next
+to it), and ``--resume`` with no checkpoint to resume are refused in one line. Temporary folders of
+killed writes are removed at every start.
 
 A resumed run must be the run that was saved: :func:`config_changes` compares the configs (a moved folder
 is not a change) and :func:`check_fingerprints` the data's token ids and the starting weights.
@@ -101,7 +103,12 @@ def restartable(path: Path) -> bool:
         return False
     if (path / LOCK_FILE).exists() and alive(read_json(path / LOCK_FILE), path / LOCK_FILE):
         return False
-    return checkpoint.latest_checkpoint(path, log=lambda _: None) is None
+    return checkpoint.latest_checkpoint(path, log=lambda _: None) is None and not _round_folders(found)
+
+
+def _round_folders(found: Found) -> list[str]:
+    """Iterative DPO's round folders, in order: its progress, as checkpoints are an offline run's."""
+    return sorted((n for n in found.entries if ROUND.fullmatch(n)), key=lambda n: int(n.split("-")[1]))
 
 
 def _clean_leftovers(path: Path) -> None:
@@ -143,6 +150,9 @@ def _plan(found: Found, resume: bool) -> tuple[Path | None, bool]:
     finished = found.state.get("state") == "finished"
     if last is not None and resume:
         return last, False
+    rounds = _round_folders(found)
+    if rounds and resume and not finished:
+        return None, False  # iterative DPO's rounds: the run resumes round by round (training.iterative)
     if finished and resume:
         raise ConfigError(f"--resume: {path} holds a finished run but no checkpoint (set save_steps to make runs "
                           "resumable)")  # fmt: skip
@@ -153,6 +163,11 @@ def _plan(found: Found, resume: bool) -> tuple[Path | None, bool]:
         raise ConfigError(
             f"output_dir: {path} already holds files (a run that {found.story} after saving {last.name}); pass "
             "--resume to continue that run or choose another output_dir"
+        )
+    if rounds:
+        raise ConfigError(
+            f"output_dir: {path} already holds files (a run that {found.story} in {rounds[-1]}); pass --resume to "
+            "continue that run or choose another output_dir"
         )
     return None, True  # failed or killed before its first checkpoint: start again in place
 
