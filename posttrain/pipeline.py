@@ -91,13 +91,11 @@ class Stage:
 
     def result(self) -> RunResult:
         """The result of a finished stage, read back from its output directory."""
-        import json
-
         from posttrain.training.offline import RunResult
 
-        summary = json.loads((self.output_dir / "summary.json").read_text())
-        steps = int(summary.get("steps", 0))
-        return RunResult(self.output_dir, self.output_dir / "model", self.output_dir / "metrics.jsonl", steps, summary)
+        result = RunResult.read_back(self.output_dir)
+        assert result is not None, f"{self.output_dir}: not finished"
+        return result
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -37,7 +37,6 @@ from posttrain.report.card import write_card
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
 from posttrain.training import memory, rundir
-from posttrain.training.metrics import read_metrics
 from posttrain.training.offline import RunResult, check_resumable, run
 from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards, sample_all
 
@@ -97,17 +96,6 @@ def _saved_round(round_dir: Path) -> dict[str, Any] | None:
         shutil.rmtree(round_dir)
     distributed.barrier()
     return None
-
-
-def _finished(train_dir: Path) -> RunResult | None:
-    """A round's offline run that finished (a resumed iterative run keeps it), else None."""
-    state = rundir.inspect(train_dir).state or {}
-    if state.get("state") != "finished" or not (train_dir / "model").is_dir():
-        return None
-    metrics = train_dir / "metrics.jsonl"
-    steps = max((m["step"] for m in read_metrics(metrics) if m.get("split") == "train"), default=0)
-    summary = json.loads((train_dir / "summary.json").read_text()) if (train_dir / "summary.json").exists() else {}
-    return RunResult(train_dir, train_dir / "model", metrics, steps, summary)
 
 
 def _rounds(
@@ -177,8 +165,8 @@ def _rounds(
         # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would (a finished
         # round's run is kept; a killed one resumes from its last checkpoint or starts again).
         train_dir = round_dir / "train"
-        resumed = train_dir.exists()
-        result = _finished(train_dir) or run(round_config(config, pairs_file, model, train_dir), resume=resumed)
+        offline = round_config(config, pairs_file, model, train_dir)
+        result = RunResult.read_back(train_dir) or run(offline, resume=train_dir.exists())
         model = str(result.model_dir)
     if result is None:
         raise ConfigError("iterative_dpo: no round produced enough pairs to train; raise num_generations or rounds")

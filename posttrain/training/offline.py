@@ -51,6 +51,16 @@ class RunResult:
     steps: int
     summary: dict[str, Any] = field(default_factory=dict)
 
+    @staticmethod
+    def read_back(output_dir: Path) -> RunResult | None:
+        """The result of a run that finished (its summary.json and model/ written), read from its folder; None
+        for a folder that holds no finished run."""
+        if not ((output_dir / "summary.json").is_file() and (output_dir / "model").is_dir()):
+            return None
+        summary = json.loads((output_dir / "summary.json").read_text())
+        steps = int(summary.get("steps", 0))
+        return RunResult(output_dir, output_dir / "model", output_dir / "metrics.jsonl", steps, summary)
+
 
 def split_eval(records: list[R], size: int, seed: int) -> tuple[list[R], list[R]]:
     """Hold out ``size`` records chosen by ``seed`` (when no eval file is given); both re-indexed.
