@@ -183,7 +183,7 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``--only`` trains one curve; the next sitting trains the rest (a fresh iterative run under --resume
-    starts), reuses the finished run and its points, and the table holds every run."""
+    starts), reuses the finished run and its points, and the table holds every run. A moved grid keeps them."""
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(6)))
     heldout.write_text("".join(json.dumps({"prompt": f"Held-out {i}: say a word."}) + "\n" for i in range(3)))
@@ -210,3 +210,12 @@ def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert sum("(reused)" in line for line in lines) == 2  # the grpo points, not measured again
     assert [p["step"] for p in second["runs"][1]["points"]] == [1, 2]
     assert json.loads((tmp_path / "grid" / "frontier.json").read_text()) == second
+
+    # A moved grid (mv grid moved) keeps its runs and its measured points.
+    (tmp_path / "grid").rename(tmp_path / "moved")
+    lines.clear()
+    third = run_frontier({**config, "output_dir": str(tmp_path / "moved")}, log=lines.append)
+    assert sum("finished earlier, reused" in line for line in lines) == 2
+    assert sum("(reused)" in line for line in lines) == 4, lines
+    figures = lambda result: [{**p, "model": None} for r in result["runs"] for p in r["points"]]  # noqa: E731
+    assert figures(third) == figures(second) and third["start"] == second["start"]  # (the paths are the new ones)

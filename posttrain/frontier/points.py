@@ -10,7 +10,8 @@ KL per completion is the mean over samples of ``sum_t log pi(y_t | x, y_<t) - lo
 "Approximating KL Divergence"). The starting model is the point at KL 0 of every curve.
 
 A measured point is written to ``OUTPUT_DIR/frontier/points/RUN/STEP.json`` with the model's fingerprint
-(size and modification time of its weights) and the settings, and reused while both are unchanged.
+(size and modification time of its weights, not its path: a moved grid keeps its points) and the settings,
+and reused while both are unchanged.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ class PointMeter:
     def measure(self, model: Path | None, cache: Path | None = None) -> dict[str, Any]:
         """The figures of ``model`` (None: the reference itself, the point at KL 0), reused from ``cache``
         when it holds this model's figures under these settings."""
-        key = {"model": str(model) if model else None, "fingerprint": fingerprint(model) if model else None,
+        # The model by its folder's name and its weights' fingerprint, not its path: the cache sits in the run's
+        # own folder, so a moved grid (mv runs/a runs/b) keeps its points.
+        key = {"model": model.name if model else None, "fingerprint": fingerprint(model) if model else None,
                "settings": self.settings_key()}  # fmt: skip
         self.reused = False
         if cache is not None and cache.is_file():
