@@ -87,7 +87,9 @@ class Stage:
         return Path(self.config.output_dir)
 
     def finished(self) -> bool:
-        return (self.output_dir / "summary.json").is_file() and (self.output_dir / "model").is_dir()
+        from posttrain.training.offline import RunResult
+
+        return RunResult.finished(self.output_dir)
 
     def result(self) -> RunResult:
         """The result of a finished stage, read back from its output directory."""

@@ -52,10 +52,14 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
+    def finished(output_dir: Path) -> bool:
+        """Whether ``output_dir`` holds a run that finished: its summary.json and model/ written."""
+        return (output_dir / "summary.json").is_file() and (output_dir / "model").is_dir()
+
+    @staticmethod
     def read_back(output_dir: Path) -> RunResult | None:
-        """The result of a run that finished (its summary.json and model/ written), read from its folder; None
-        for a folder that holds no finished run."""
-        if not ((output_dir / "summary.json").is_file() and (output_dir / "model").is_dir()):
+        """The result of a run that finished, read from its folder; None for a folder that holds none."""
+        if not RunResult.finished(output_dir):
             return None
         summary = json.loads((output_dir / "summary.json").read_text())
         steps = int(summary.get("steps", 0))
