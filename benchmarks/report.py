@@ -16,6 +16,8 @@ from typing import Any
 
 from bench_settings import Settings
 
+from posttrain.machine import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -225,15 +227,7 @@ def grpo_token_check(row: dict[str, Any], report: dict[str, Any]) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}"
 
 
 def versions() -> dict[str, str]:

@@ -163,11 +163,13 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
         for p in run["points"]:
             assert 0.0 <= p["distinct_2"] <= 1.0 and -1.0 <= p["reward"] <= 1.0
             assert p["samples"] == 6 and len(p["shown"]) == 3
+            assert p["machine"]["device"] == "cpu" and p["machine"]["threads"] >= 1
     assert any(abs(p["kl"]) > 1e-3 for run in result["runs"] for p in run["points"])  # the models moved
     page = (folder / "frontier.html").read_text()
     assert "<svg" in page and "KL(policy || reference)" in page and "online-dpo beta=0.02" in page
     table = (folder / "frontier.md").read_text()
     assert table.count("\n| ") == 1 + 1 + 30  # header, start, 10 runs x 3 points
+    assert "Measured on: cpu (" in table and " threads, torch " in table
     assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     lines = capsys.readouterr().out
     assert lines.count("frontier: run ") == 10 and "trained in" in lines
@@ -179,6 +181,27 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert again.count("finished earlier, reused") == 10
     assert again.count(" s)") == 0 and again.count("(reused)") == 30  # no point measured again
     assert json.loads((folder / "frontier.json").read_text()) == result
+
+
+def test_points_measured_on_several_machines_say_so() -> None:
+    """Another machine samples other completions: the table names each point's machine when they differ."""
+    from posttrain.frontier.output import markdown
+
+    here = {"device": "cpu", "cpu": "CPU A", "cpus": 2, "threads": 2, "torch": "2.9"}
+    there = {**here, "cpu": "CPU B"}
+    figures = {"reward": 0.5, "reward_se": 0.1, "kl": 1.0, "kl_se": 0.1, "distinct_2": 0.9, "completion_length": 30}
+    result = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0, "start": {**figures, "kl": 0.0},
+              "runs": [{"run": "grpo-beta-0.1", "label": "grpo", "strength": "beta=0.1",
+                        "points": [{"step": 5, **figures, "machine": here},
+                                   {"step": 10, **figures, "machine": there}]}]}  # fmt: skip
+    table = markdown(result)
+    assert "Measured on 3 machines" in table
+    assert "1. unrecorded" in table and "2. cpu (CPU A), 2 logical CPUs, 2 threads, torch 2.9" in table
+    assert [line.rsplit("|", 2)[1].strip() for line in table.splitlines() if line.startswith("| grpo")] == ["2", "3"]
+    for point in result["runs"][0]["points"]:
+        point["machine"] = here
+    result["start"]["machine"] = here
+    assert "Measured on: cpu (CPU A), 2 logical CPUs, 2 threads, torch 2.9." in markdown(result)
 
 
 def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from posttrain.machine import summary
 from posttrain.report.svg import COLOURS, DASHES, Line, chart
 
 X_LABEL = "KL(policy || reference), nats per completion"
@@ -34,16 +35,34 @@ def markdown(result: dict[str, Any]) -> str:
         f"Held-out prompts: `{result['data']}`, {result['samples']} sample(s) each at temperature 1, top_p 1, "
         f"top_k 0, seed {result['seed']}. KL: nats per completion on the policy's own samples (mean ± s.e.).",
         "",
-        "| method | run | strength | step | reward | KL (nats) | distinct-2 | length (tokens) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for row in _rows(result):
+    rows = _rows(result)
+    machines = list(dict.fromkeys(_machine(row) for row in rows))
+    several = len(machines) > 1
+    if several:
+        lines += [f"Measured on {len(machines)} machines (column `on`). Another machine samples other completions "
+                  "from the same model and seed: compare points measured on one machine.", ""]  # fmt: skip
+        lines += [f"{n}. {m}" for n, m in enumerate(machines, 1)] + [""]
+    else:
+        lines += [f"Measured on: {machines[0]}.", ""]
+    on = " on |" if several else ""
+    lines += [
+        "| method | run | strength | step | reward | KL (nats) | distinct-2 | length (tokens) |" + on,
+        "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if several else ""),
+    ]
+    for row in rows:
         lines.append(
             f"| {row['label']} | {row['run']} | {row['strength']} | {row['step']} | "
             f"{row['reward']:.3f} ± {row['reward_se']:.3f} | {row['kl']:.2f} ± {row['kl_se']:.2f} | "
             f"{row['distinct_2']:.3f} | {row['completion_length']:.1f} |"
+            + (f" {machines.index(_machine(row)) + 1} |" if several else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def _machine(row: dict[str, Any]) -> str:
+    """The machine that measured a point, in one line (points cached before it was recorded: unrecorded)."""
+    return summary(row["machine"]) if row.get("machine") else "unrecorded"
 
 
 def _curves(result: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[float, float]]]]:

@@ -11,7 +11,8 @@ KL per completion is the mean over samples of ``sum_t log pi(y_t | x, y_<t) - lo
 
 A measured point is written to ``OUTPUT_DIR/frontier/points/RUN/STEP.json`` with the model's fingerprint
 (size and modification time of its weights, not its path: a moved grid keeps its points) and the settings,
-and reused while both are unchanged.
+and reused while both are unchanged. It records the machine that measured it (:mod:`posttrain.machine`): another
+machine samples other completions from the same model and seed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from posttrain.config import TrainConfig
 from posttrain.data.prompts import PromptRecord, load_prompts
 from posttrain.data.tokenize import Renderer
 from posttrain.frontier.grid import FrontierSettings
+from posttrain.machine import describe
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.rollout.compare import distinct_n, sequence_log_ratio
 from posttrain.rollout.generate import SamplingParams
@@ -177,7 +179,7 @@ class PointMeter:
             "reward": float(s.rewards.mean()), "reward_se": _se(s.rewards),
             "kl": float(kl.mean()), "kl_se": _se(kl),
             "distinct_2": distinct_n(completions, 2), "completion_length": float(s.lengths.mean()),
-            "samples": n, "shown": shown,
+            "samples": n, "shown": shown, "machine": describe(self.device),
         }  # fmt: skip
 
 

@@ -81,8 +81,8 @@ def _same_config(config: TrainConfig, output_dir: Path) -> None:
     saved = output_dir / "config.yaml"
     if saved.exists():
         check_resumable(yaml.safe_load(saved.read_text()) or {}, config.to_dict())
-    elif distributed.is_main():
-        saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    else:
+        rundir.write_config(output_dir, config)
     distributed.barrier()
 
 

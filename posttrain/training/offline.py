@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -254,8 +253,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         checkpoint.restore_rng(state)
         start = int(state["step"])
         log(f"resumed from {last} at step {start}")
-    if distributed.is_main():
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    rundir.write_config(output_dir, config)
     writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)

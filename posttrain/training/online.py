@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -193,8 +192,7 @@ def _train_online(
         checkpoint.restore_rng(state)
         start, method.kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
         log(f"resumed from {last} at step {start}")
-    if distributed.is_main():
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    rundir.write_config(output_dir, config)
     writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     samples_log = CompletionsLog(output_dir / "completions.jsonl", config.log_completions, tokenizer, start)
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from posttrain import distributed
@@ -363,6 +364,13 @@ def _same(saved: Any, now: Any, roots: tuple[str, str] | None) -> bool:
     old, new = roots
     inside = saved == old or saved.startswith(old.rstrip(os.sep) + os.sep)
     return inside and new + saved[len(old) :] == now
+
+
+def write_config(output_dir: Path, config: TrainConfig) -> None:
+    """Write the run's ``config.yaml`` (the first process only): what ``posttrain eval``, ``report`` and a
+    resume read back."""
+    if distributed.is_main():
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any], may_change: frozenset[str]) -> list[str]:
