@@ -135,6 +135,39 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(
     assert checkpoint.damage(damaged.parent) is None
 
 
+def test_keep_resumable_keeps_older_checkpoints_as_models(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, straight: Path
+) -> None:
+    """``keep_resumable: 1``: the same run, whose steps 2 and 4 keep their model and tokenizer but not the
+    training state (the frontier's points still find them, --resume does not); a damaged newest checkpoint is
+    not counted, so the one before it stays resumable."""
+    from posttrain.frontier.points import path_points
+
+    out = tmp_path / "run"
+    posttrain.train(config(tiny_model_dir, pairs_file, out, keep_resumable=1))
+    assert_same_run(straight, out)
+    root, full = out / "checkpoints", straight / "checkpoints"
+    state = {checkpoint.STATE_FILE, checkpoint.TENSORS_FILE}
+    for step in ("step-000002", "step-000004"):
+        assert sorted(p.name for p in (root / step).iterdir()) == sorted(
+            p.name for p in (full / step).iterdir() if p.name not in state
+        )
+        assert contents(root / step) == {k: v for k, v in contents(full / step).items() if k not in state}
+    newest = contents(root / "step-000006")  # whole (its trainer_state.json holds this run's config)
+    assert newest.pop(checkpoint.STATE_FILE) and newest == {
+        k: v for k, v in contents(full / "step-000006").items() if k != checkpoint.STATE_FILE
+    }
+    assert checkpoint.latest_checkpoint(out) == root / "step-000006"
+    assert [p.step for p in path_points(out)] == [2, 4, 6]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    newest = copy / "checkpoints" / "step-000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert checkpoint.slim(copy, 1) == [copy / "checkpoints" / "step-000002"]
+    assert checkpoint.latest_checkpoint(copy, log=lambda _: None) == copy / "checkpoints" / "step-000004"
+
+
 def test_a_damaged_checkpoint_of_an_older_posttrain_is_seen(tmp_path: Path) -> None:
     """Checkpoints written before the file list (``trainer_state.pt``): a truncated pickle or safetensors file
     is found from the zip directory and the safetensors header."""

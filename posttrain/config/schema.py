@@ -239,6 +239,9 @@ class TrainConfig:
     """Evaluate every N steps (and always before and after training when there is eval data)."""
     save_steps: int | None = None
     """Save a resumable checkpoint every N steps (and always at the end)."""
+    keep_resumable: int | None = None
+    """With ``save_steps``: the newest N checkpoints keep their training state; older ones keep their model
+    alone (still a loadable model and a frontier point, no longer resumable). null: every one stays resumable."""
     logging_steps: int = 1
     log_completions: int = 4
     """Online methods: write this many samples of each step's rollout (prompt, completion, per-reward scores,
@@ -280,7 +283,7 @@ class TrainConfig:
         # Seeds of the data order and the samplers are derived from it by products (seed * 100_003 + epoch ...)
         # that torch takes as 64-bit integers.
         check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
-        for name in ("eval_steps", "save_steps"):
+        for name in ("eval_steps", "save_steps", "keep_resumable"):
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")

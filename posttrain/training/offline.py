@@ -103,8 +103,9 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 # how many processes share the work (checkpoints hold full, unsharded state: N processes resume on M) and
 # whether the kernels are the deterministic ones (the same maths, other rounding on a GPU).
 RESUME_MAY_CHANGE = frozenset(
-    {"eval_steps", "save_steps", "logging_steps", "distributed", "deterministic", "report_to", "log_completions"}
-)
+    {"eval_steps", "save_steps", "keep_resumable", "logging_steps", "distributed", "deterministic", "report_to",
+     "log_completions"}
+)  # fmt: skip
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -271,7 +272,8 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
                 checkpoint.save_model(lora.for_saving(plain, config.lora.save) if config.lora else plain,
                                       tokenizer, model_dir)  # fmt: skip
             if config.save_steps:
-                checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable)
+                checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable,
+                                           config.keep_resumable)  # fmt: skip
         distributed.barrier()
 
     summary: dict[str, Any] = {"method": config.method, "model": config.model, "steps": total, "layout": task.layout}

@@ -218,7 +218,8 @@ def _train_online(
             extra = {"config": config.to_dict(), "summary": summary, "kl_coef": method.kl_coef,
                      "optimizers": optimizers, "fingerprints": fingerprints,
                      "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
-            checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra)
+            checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra,
+                                       config.keep_resumable)  # fmt: skip
         distributed.barrier()
 
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
