@@ -141,7 +141,7 @@ def test_keep_resumable_keeps_older_checkpoints_as_models(
     """``keep_resumable: 1``: the same run, whose steps 2 and 4 keep their model and tokenizer but not the
     training state (the frontier's points still find them, --resume does not); a damaged newest checkpoint is
     not counted, so the one before it stays resumable."""
-    from posttrain.frontier.points import path_points
+    from posttrain.frontier.points import fingerprint, path_points
 
     out = tmp_path / "run"
     posttrain.train(config(tiny_model_dir, pairs_file, out, keep_resumable=1))
@@ -164,7 +164,9 @@ def test_keep_resumable_keeps_older_checkpoints_as_models(
     shutil.copytree(straight, copy)
     newest = copy / "checkpoints" / "step-000006" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
+    before = fingerprint(copy / "checkpoints" / "step-000002")
     assert checkpoint.slim(copy, 1) == [copy / "checkpoints" / "step-000002"]
+    assert fingerprint(copy / "checkpoints" / "step-000002") == before  # its measured frontier point is kept
     assert checkpoint.latest_checkpoint(copy, log=lambda _: None) == copy / "checkpoints" / "step-000004"
 
 

@@ -35,6 +35,7 @@ from posttrain.machine import describe
 from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.rollout.compare import distinct_n, sequence_log_ratio
 from posttrain.rollout.generate import SamplingParams
+from posttrain.training import checkpoint
 from posttrain.training.rollouts import Scorer, default_generator, method_rewards, policy_and_reference_logps, sample
 
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -105,8 +106,10 @@ def spread(points: list[Point], count: int) -> list[Point]:
 
 
 def fingerprint(model: Path) -> str:
-    """Size and modification time of a model folder's weight files: a retrained model is measured again."""
-    files = sorted(model.glob("*.safetensors")) or sorted(model.glob("*.bin"))
+    """Size and modification time of a model folder's weight files: a retrained model is measured again. A
+    checkpoint's training state is not the model (slimming it away, ``keep_resumable``, keeps the points)."""
+    weights = [f for f in model.glob("*.safetensors") if f.name != checkpoint.TENSORS_FILE]
+    files = sorted(weights) or sorted(model.glob("*.bin"))
     return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
