@@ -69,6 +69,7 @@ FULL: dict[str, Any] = {
     "span_attention": "mask",
     "eval_steps": 5,
     "save_steps": 10,
+    "keep_resumable": 2,
     "logging_steps": 2,
     "log_completions": 2,
     "report_to": ["posttrain.tracking:TensorBoardTracker"],
