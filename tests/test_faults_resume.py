@@ -157,7 +157,7 @@ def test_keep_resumable_keeps_older_checkpoints_as_models(
     assert newest.pop(checkpoint.STATE_FILE) and newest == {
         k: v for k, v in contents(full / "step-000006").items() if k != checkpoint.STATE_FILE
     }
-    assert checkpoint.latest_checkpoint(out) == root / "step-000006"
+    assert [p for _, p in checkpoint.saved(out) if checkpoint.resumable(p)] == [root / "step-000006"]
     assert [p.step for p in path_points(out)] == [2, 4, 6]
 
     copy = tmp_path / "copy"
@@ -168,6 +168,48 @@ def test_keep_resumable_keeps_older_checkpoints_as_models(
     assert checkpoint.slim(copy, 1) == [copy / "checkpoints" / "step-000002"]
     assert fingerprint(copy / "checkpoints" / "step-000002") == before  # its measured frontier point is kept
     assert checkpoint.latest_checkpoint(copy, log=lambda _: None) == copy / "checkpoints" / "step-000004"
+
+
+def test_a_run_without_a_resumable_checkpoint_keeps_its_slimmed_models(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, straight: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run killed after slimming (``keep_resumable: 1``) whose newest checkpoint is then damaged has no
+    checkpoint to resume: a rerun, with or without --resume, refuses in one line naming the folder and leaves
+    every file as it was, where it used to restart in place and delete the models (frontier points)."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    shutil.rmtree(out / "model")
+    (out / "summary.json").unlink()
+    (out / "run_state.json").write_text(json.dumps({**state_of(out), "state": "failed"}))
+    assert checkpoint.slim(out, 1) == [out / "checkpoints" / n for n in ("step-000004", "step-000002")]
+    newest = out / "checkpoints" / "step-000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    before = listing(out)
+    path = write_config(tmp_path / "run.yaml", config(tiny_model_dir, pairs_file, out, keep_resumable=1))
+    for extra in ((), ("--resume",)):
+        code, stdout, err = cli(capsys, "train", str(path), *extra)
+        assert code == 2 and stdout == ""
+        assert one_error_line(err).startswith(f"output_dir: {out} holds a run that ")
+        assert "checkpoints none of which can be resumed (step-000002, step-000004, step-000006" in err
+        assert listing(out) == before
+
+
+def test_slim_finishes_a_killed_slim_and_orders_steps_by_number(tmp_path: Path) -> None:
+    """A kill between the state file and the tensors leaves ``trainer_state.safetensors`` behind: the next
+    slim removes it. Steps are ordered by number, so step 1,000,000 is newer than step 999,999."""
+    root = tmp_path / "checkpoints"
+    for name in ("step-999999", "step-1000000", "step-000010"):
+        (root / name).mkdir(parents=True)
+        (root / name / checkpoint.STATE_FILE).write_text(json.dumps({"format": 1, "files": {}, "state": {}}))
+        save_file({"t": torch.zeros(1)}, str(root / name / checkpoint.TENSORS_FILE))
+    (root / "step-000010" / checkpoint.STATE_FILE).unlink()  # killed part way through an earlier slim
+    assert [p.name for _, p in checkpoint.saved(tmp_path)] == ["step-000010", "step-999999", "step-1000000"]
+    assert checkpoint.latest_checkpoint(tmp_path) == root / "step-1000000"
+    assert checkpoint.slim(tmp_path, 1) == [root / "step-999999", root / "step-000010"]
+    assert sorted(p.name for p in (root / "step-1000000").iterdir()) == sorted(
+        [checkpoint.STATE_FILE, checkpoint.TENSORS_FILE]
+    )
+    assert [list(p.iterdir()) for p in (root / "step-999999", root / "step-000010")] == [[], []]
 
 
 def test_a_damaged_checkpoint_of_an_older_posttrain_is_seen(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _machine(row: dict[str, Any]) -> str:
     """The machine that measured a point, in one line (points cached before it was recorded: unrecorded)."""
-    return summary(row["machine"]) if row.get("machine") else "unrecorded"
+    return summary(row["machine"]) if row.get("machine") else "unrecorded (cached before points named their machine)"
 
 
 def _curves(result: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[float, float]]]]:

@@ -38,7 +38,6 @@ from posttrain.rollout.generate import SamplingParams
 from posttrain.training import checkpoint
 from posttrain.training.rollouts import Scorer, default_generator, method_rewards, policy_and_reference_logps, sample
 
-STEP_DIR = re.compile(r"step-(\d+)")
 ROUND_DIR = re.compile(r"round-(\d+)")
 
 
@@ -53,12 +52,9 @@ class Point:
 def _steps_of(run: Path, offset: int) -> tuple[list[Point], int]:
     """The checkpoints and final model of one training folder, steps shifted by ``offset``; and its last step."""
     points = []
-    checkpoints = run / "checkpoints"
-    if checkpoints.is_dir():
-        for folder in checkpoints.iterdir():
-            match = STEP_DIR.fullmatch(folder.name)
-            if match and (folder / "config.json").is_file():
-                points.append(Point(offset + int(match.group(1)), folder))
+    for step, folder in checkpoint.saved(run):
+        if (folder / "config.json").is_file():
+            points.append(Point(offset + step, folder))
     last = max((p.step for p in points), default=offset)
     summary = run / "summary.json"
     if (run / "model" / "config.json").is_file():

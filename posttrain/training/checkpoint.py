@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,7 @@ STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainer_state.safetensors"
 LEGACY_STATE_FILE = "trainer_state.pt"
 """The pickled trainer state of earlier posttrain versions: still read, never executed (``weights_only=True``)."""
+STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint's folder, checkpoints/step-000040
 
 RETRY_DELAYS_S = (10.0, 60.0)
 """Pauses before the second and third try of a failed write (time to free disk space, a mount to return)."""
@@ -128,22 +130,36 @@ def save_checkpoint(
     return written
 
 
+def saved(output_dir: Path) -> list[tuple[int, Path]]:
+    """The checkpoint folders of a run (``checkpoints/step-N``, written whole: see :func:`write_atomically`),
+    by step number, oldest first; resumable or slimmed, damaged or not."""
+    root = output_dir / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def resumable(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds a training state (it may still be damaged: :func:`damage`)."""
+    return (checkpoint / STATE_FILE).exists() or (checkpoint / LEGACY_STATE_FILE).exists()
+
+
 def slim(output_dir: Path, keep: int) -> list[Path]:
     """Drop the training state (optimizer moments, scheduler, RNG; PPO's critic) of every checkpoint older than
-    the newest ``keep`` undamaged ones; they keep their model and tokenizer, a loadable model and a frontier
-    point, and ``--resume`` no longer sees them. A damaged checkpoint newer than those is left as it is. The
-    state file goes first, so a kill part way leaves a model folder, never a checkpoint that looks resumable.
-    Returns the checkpoints slimmed now. For a full fine-tune with AdamW the state is ~4/5 of a checkpoint."""
-    root = output_dir / "checkpoints"
-    resumable = [p for p in root.glob("step-*") if (p / STATE_FILE).exists() or (p / LEGACY_STATE_FILE).exists()]
+    the newest ``keep`` undamaged resumable ones; they keep their model and tokenizer, a loadable model and a
+    frontier point, and ``--resume`` no longer sees them. A damaged checkpoint newer than those is left as it
+    is. The state file goes first, so a kill part way leaves a model folder, never a checkpoint that looks
+    resumable; the next call finishes it. Returns the checkpoints slimmed now. For a full fine-tune with
+    AdamW the state is ~4/5 of a checkpoint."""
     kept, slimmed = 0, []
-    for path in sorted(resumable, reverse=True):
+    for _, path in reversed(saved(output_dir)):
         if kept < keep:
-            kept += damage(path) is None
+            kept += resumable(path) and damage(path) is None
             continue
-        for name in (STATE_FILE, LEGACY_STATE_FILE, TENSORS_FILE):
-            (path / name).unlink(missing_ok=True)
-        slimmed.append(path)
+        present = [path / name for name in (STATE_FILE, LEGACY_STATE_FILE, TENSORS_FILE) if (path / name).exists()]
+        for file in present:
+            file.unlink()
+        if present:
+            slimmed.append(path)
     return slimmed
 
 
@@ -236,9 +252,9 @@ def _safetensors_size(path: Path) -> int | None:
 def latest_checkpoint(output_dir: Path, log: Callable[[str], None] | None = None) -> Path | None:
     """The complete and undamaged checkpoint with the highest step, or None; a damaged one is skipped for
     the one before it, with a warning (to stderr unless ``log`` is given)."""
-    root = output_dir / "checkpoints"
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).exists() or (p / LEGACY_STATE_FILE).exists()]
-    for path in sorted(done, reverse=True):
+    for _, path in reversed(saved(output_dir)):
+        if not resumable(path):
+            continue
         why = damage(path)
         if why is None:
             return path

@@ -170,6 +170,13 @@ def _plan(found: Found, resume: bool) -> tuple[Path | None, bool]:
             f"output_dir: {path} already holds files (a run that {found.story} in {rounds[-1]}); pass --resume to "
             "continue that run or choose another output_dir"
         )
+    kept = [folder.name for _, folder in checkpoint.saved(path)]
+    if kept:  # models a restart in place would delete: damaged, or slimmed by keep_resumable
+        raise ConfigError(
+            f"output_dir: {path} holds a run that {found.story} and checkpoints none of which can be resumed "
+            f"({', '.join(kept[-3:])}: damaged, or kept as models only by keep_resumable); choose another "
+            "output_dir, or remove it to train again"
+        )
     return None, True  # failed or killed before its first checkpoint: start again in place
 
 
