@@ -80,6 +80,7 @@ def test_separate_and_shared_values_line_up_with_logps(tiny_model_dir: Path, tin
     mask; a critic loaded from a causal LM keeps its trunk."""
     critic = load_critic(str(tiny_model_dir), tiny_tokenizer, gradient_checkpointing=False)
     assert isinstance(critic, SeparateCritic)
+    torch.nn.init.normal_(critic.model.score.weight)  # a new head starts at zero (tested below): give it values
     ids = torch.tensor([[5, 6, 7, 8]])
     att = torch.ones_like(ids)
     mask = torch.tensor([[False, False, True, True]])
@@ -90,6 +91,23 @@ def test_separate_and_shared_values_line_up_with_logps(tiny_model_dir: Path, tin
     assert values[0, :2].tolist() == [0.0, 0.0]
     shared = SharedCritic(trunk.shape[-1])
     assert shared(trunk, mask).abs().sum() == 0.0  # zero-initialised head: no random baseline
+
+
+def test_a_new_critic_head_starts_at_zero_and_a_saved_one_is_kept(
+    tiny_model_dir: Path, tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    """From a causal LM the critic's score head is new and zero (values 0, explained variance 0 at the
+    first rollout, not transformers' random head's noise); a saved critic or reward model keeps its head."""
+    ids, att = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    mask = torch.tensor([[False, True, True, True]])
+    critic = load_critic(str(tiny_model_dir), tiny_tokenizer)
+    assert critic(ids, att, mask).abs().sum() == 0.0
+    assert critic.model.score.weight.requires_grad
+    torch.nn.init.normal_(critic.model.score.weight)
+    critic.save(tmp_path / "critic", tiny_tokenizer)
+    again = load_critic(str(tmp_path / "critic"), tiny_tokenizer)
+    torch.testing.assert_close(again.model.score.weight, critic.model.score.weight)
+    torch.testing.assert_close(again(ids, att, mask), critic(ids, att, mask))
 
 
 def test_one_epoch_without_an_update_has_ratio_one(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:

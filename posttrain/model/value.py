@@ -70,8 +70,20 @@ class SharedCritic(nn.Module):
 
 
 def load_critic(name: str, tokenizer: Any, *, gradient_checkpointing: bool = False) -> SeparateCritic:
-    """A separate critic from a reward model (loaded as is) or a causal LM (its trunk, a new value head)."""
-    return SeparateCritic(load_reward_model(name, tokenizer, gradient_checkpointing=gradient_checkpointing))
+    """A separate critic from a reward model (loaded as is) or a causal LM (its trunk, a new value head).
+
+    A new head starts at zero, as the shared one does: transformers initialises it at random, and on
+    SmolLM2-135M that gave values of ~0.7 +- the reward's own spread, an explained variance of -2 that took a
+    sentiment PPO run ~45 rollouts to climb above 0 while its advantages were mostly the head's noise
+    (docs/main_job.md). At zero the first advantages are the returns themselves (whitened), and the
+    head's gradient, hidden state x error, is not zero, so the critic learns from the first step.
+    """
+    model: Any = load_reward_model(name, tokenizer, gradient_checkpointing=gradient_checkpointing)
+    if not any(arch.endswith("ForSequenceClassification") for arch in model.config.architectures or ()):
+        with torch.no_grad():  # a causal LM's config: the score head is new
+            for param in model.score.parameters():
+                param.zero_()
+    return SeparateCritic(model)
 
 
 def critic_source(critic_model: str | None, rewards: tuple[Any, ...], model: str) -> str:
