@@ -176,29 +176,38 @@ def _expand(raw: dict[str, Any]) -> Grid:
 def _add_save_steps(pipeline: dict[str, Any], points: int) -> None:
     """``save_steps`` for every run that sets none, so that it leaves ``points`` models along its path: the
     checkpoints of its steps (an iterative run's rounds count as points, its steps within a round too); and
-    ``keep_resumable: 1`` for every run that sets none."""
+    ``keep_resumable: 1`` for every run that saves checkpoints and sets none. A run left without checkpoints
+    (an iterative run whose rounds are the points) gets no ``keep_resumable``, a shared one included: it would
+    have nothing to keep, which its config refuses."""
     shared = pipeline.get("save_steps")
     for stage in pipeline["stages"]:
-        if "keep_resumable" not in stage and "keep_resumable" not in pipeline:
+        if "save_steps" not in stage and shared is None:
+            every = _points_every(stage, pipeline, points)
+            if every is not None:
+                stage["save_steps"] = every
+        if stage.get("save_steps", shared) is None:
+            stage.setdefault("keep_resumable", None)
+        elif "keep_resumable" not in stage and "keep_resumable" not in pipeline:
             stage["keep_resumable"] = 1  # the older checkpoints are points: models, not resumable states
-        if "save_steps" in stage or shared is not None:
-            continue
-        method = stage.get("method")
-        if method == "iterative_dpo":
-            rounds = int(stage.get("rounds", pipeline.get("rounds", 1)))
-            steps = stage.get("steps_per_round", pipeline.get("steps_per_round"))
-            if rounds >= points:
-                continue  # the rounds' models are the points
-            if not isinstance(steps, int):
-                raise ConfigError(
-                    f"{stage['name']}: steps_per_round: needed to save {points} points along {rounds} round(s) "
-                    "(or give save_steps)"
-                )
-            stage["save_steps"] = max(1, steps // math.ceil(points / rounds))
-        else:
-            steps = stage.get("max_steps", pipeline.get("max_steps"))
-            if isinstance(steps, int) and steps > 0:
-                stage["save_steps"] = max(1, steps // points)  # at least `points` models; spread() picks
+
+
+def _points_every(stage: dict[str, Any], pipeline: dict[str, Any], points: int) -> int | None:
+    """The ``save_steps`` that leaves ``points`` models along a run's path, None where it needs none."""
+    if stage.get("method") == "iterative_dpo":
+        rounds = int(stage.get("rounds", pipeline.get("rounds", 1)))
+        steps = stage.get("steps_per_round", pipeline.get("steps_per_round"))
+        if rounds >= points:
+            return None  # the rounds' models are the points
+        if not isinstance(steps, int):
+            raise ConfigError(
+                f"{stage['name']}: steps_per_round: needed to save {points} points along {rounds} round(s) "
+                "(or give save_steps)"
+            )
+        return max(1, steps // math.ceil(points / rounds))
+    steps = stage.get("max_steps", pipeline.get("max_steps"))
+    if isinstance(steps, int) and steps > 0:
+        return max(1, steps // points)  # at least `points` models; spread() picks
+    return None
 
 
 def select(grid: Grid, only: Sequence[str]) -> Grid:
