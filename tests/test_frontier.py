@@ -46,8 +46,8 @@ def test_grid_expands_to_unchained_runs_with_checkpoints_along_the_path() -> Non
     # 3 points: every 10 // 3 = 3 steps (3, 6, 9 and the final 10); one round of 9 steps: every 3; 3 rounds:
     # the round models are the points.
     assert [s.get("save_steps") for s in stages] == [3, 3, 3, None]
-    # Older checkpoints: models, no AdamW state; the 3-round run saves none, so keeps none (its config would
-    # refuse keep_resumable without save_steps), a shared value included.
+    # Older checkpoints: models, no AdamW state; the 3-round run saves none, so keeps none, a shared value
+    # included.
     assert [s.get("keep_resumable", "unset") for s in stages] == [1, 1, 1, None]
     shared = read_grid(grid_config(keep_resumable=2)).pipeline["stages"]
     assert [s.get("keep_resumable", "unset") for s in shared] == ["unset", "unset", "unset", None]

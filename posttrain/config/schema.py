@@ -286,12 +286,6 @@ class TrainConfig:
         for name in ("eval_steps", "save_steps", "keep_resumable"):
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1 or null, got {v}")
-        check(
-            self.keep_resumable is None or self.save_steps is not None,
-            "keep_resumable",
-            "needs save_steps (it says how many of the run's checkpoints stay resumable, and without save_steps "
-            "the run writes none)",
-        )
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1, got {self.logging_steps}")
         check(self.log_completions >= 0, "log_completions", f"must be >= 0, got {self.log_completions}")
         if self.report_to:

@@ -177,8 +177,8 @@ def _add_save_steps(pipeline: dict[str, Any], points: int) -> None:
     """``save_steps`` for every run that sets none, so that it leaves ``points`` models along its path: the
     checkpoints of its steps (an iterative run's rounds count as points, its steps within a round too); and
     ``keep_resumable: 1`` for every run that saves checkpoints and sets none. A run left without checkpoints
-    (an iterative run whose rounds are the points) gets no ``keep_resumable``, a shared one included: it would
-    have nothing to keep, which its config refuses."""
+    (an iterative run whose rounds are the points) gets no ``keep_resumable``, a shared one included: it
+    would have nothing to keep."""
     shared = pipeline.get("save_steps")
     for stage in pipeline["stages"]:
         if "save_steps" not in stage and shared is None:
