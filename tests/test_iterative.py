@@ -13,7 +13,8 @@ from posttrain.config import ConfigError, load
 from posttrain.data.prompts import PromptRecord
 from posttrain.rollout.generate import ScriptedGenerator
 from posttrain.rollout.pairs import Pair, best_worst_pairs
-from posttrain.training import checkpoint
+from posttrain.training import checkpoint, first_round
+from posttrain.training.first_round import shared_first_rounds
 from posttrain.training.iterative import round_prompts, run_iterative
 from posttrain.training.metrics import read_metrics
 
@@ -130,3 +131,42 @@ def test_a_round_killed_while_sampling_samples_again(tiny_model_dir: Path, tmp_p
         tmp_path / "straight" / "round-2" / "pairs.jsonl"
     ).read_text()
     assert_same_causal_lm_run(straight, resumed)
+
+
+def test_the_first_round_key_leaves_out_only_what_the_training_reads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Beta, the loss, the learning rate, the rounds and where the run writes do not change round 1's pairs;
+    the seed, the samples per prompt, the sampling, the rewards and the starting weights do."""
+    cfg = two_rounds(tiny_model_dir, tmp_path, "a")
+    name = first_round.key(load(cfg), "weights")
+    same = {"beta": 0.5, "loss": "ipo", "learning_rate": 3e-4, "rounds": 4, "output_dir": str(tmp_path / "b"),
+            "steps_per_round": 7, "save_steps": 2, "keep_resumable": 1}  # fmt: skip
+    assert first_round.key(load({**cfg, **same}), "weights") == name
+    other = [{"seed": 1}, {"num_generations": 4}, {"generation": {"temperature": 0.7}}, {"tie_threshold": 0.1},
+             {"rewards": [{"name": "regex_format", "pattern": "^no$"}]}, {"prompts_per_round": 3}]  # fmt: skip
+    assert all(first_round.key(load({**cfg, **change}), "weights") != name for change in other)
+    assert first_round.key(load(cfg), "other weights") != name
+
+
+def test_runs_that_would_sample_the_same_first_round_share_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Inside ``shared_first_rounds`` (the frontier's), a run whose first round has the key of one already
+    sampled copies its pairs and figures instead of sampling (the generator is not built for it); a run with
+    another seed samples its own; outside, nothing is shared or kept."""
+    folder, calls = tmp_path / "rounds", []
+    counting = lambda m, t: (calls.append(1), factory(m, t))[1]  # noqa: E731
+    cfg = two_rounds(tiny_model_dir, tmp_path, "a")
+    logged: list[str] = []
+    with shared_first_rounds(folder), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("posttrain.training.iterative.tqdm.write", logged.append)
+        run_iterative(load(cfg), generator_factory=counting)
+        assert len(calls) == 3  # round 1, round 2, the held-out answers after the last
+        b = run_iterative(load({**cfg, "output_dir": str(tmp_path / "b"), "beta": 0.3, "learning_rate": 2e-3,
+                                "rounds": 1}), generator_factory=counting)  # fmt: skip
+        assert len(calls) == 4  # only the held-out answers after its one round
+        assert any(line.startswith("round 1: pairs reused from ") for line in logged)
+        run_iterative(load({**cfg, "output_dir": str(tmp_path / "c"), "seed": 1}), generator_factory=counting)
+        assert len(calls) == 7
+    for file in first_round.FILES:
+        assert (tmp_path / "b" / "round-1" / file).read_text() == (tmp_path / "a" / "round-1" / file).read_text()
+    assert b.summary["rounds"][0]["pairs"] >= 4 and len(list(folder.iterdir())) == 2  # a's (b's) and c's
+    run_iterative(load({**cfg, "output_dir": str(tmp_path / "d")}), generator_factory=counting)
+    assert len(calls) == 10 and len(list(folder.iterdir())) == 2

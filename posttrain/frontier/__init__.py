@@ -63,6 +63,7 @@ def run_frontier(
     from posttrain.frontier.output import write_all
     from posttrain.frontier.points import PointMeter, path_points, spread
     from posttrain.pipeline import run_pipeline
+    from posttrain.training.first_round import shared_first_rounds
 
     grid = read_grid(source, list(overrides))
     if quick_mode:
@@ -122,7 +123,10 @@ def run_frontier(
         write()
         started[0] = time.monotonic()
 
-    run_pipeline(training.pipeline, resume=resume, on_stage=after)
+    # An iterative run's first round samples the starting model: one per key, shared by the grid's runs (an
+    # offline-DPO curve's betas train on the same pairs).
+    with shared_first_rounds(grid.output_dir / "frontier" / "rounds"):
+        run_pipeline(training.pipeline, resume=resume, on_stage=after)
     log(
         f"frontier: wrote {grid.output_dir / 'frontier.md'}, frontier.json, frontier.html"
         + (", frontier.png" if png[0] else "")

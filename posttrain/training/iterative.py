@@ -36,7 +36,7 @@ from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.report.card import write_card
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
-from posttrain.training import memory, rundir
+from posttrain.training import first_round, memory, rundir
 from posttrain.training.offline import RunResult, check_resumable, run
 from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards, sample_all
 
@@ -124,11 +124,17 @@ def _rounds(
     for r in range(1, alg.rounds + 1):
         round_dir = output_dir / f"round-{r}"
         pairs_file = round_dir / "pairs.jsonl"
-        info = _saved_round(round_dir)
+        info, shared = _saved_round(round_dir), None
+        if info is None:
+            policy = load_causal_lm(model, trainable=False).to(device)
+            # Round 1 samples the starting model: the same round for every run with its key (the frontier's).
+            shared = first_round.name_of(config, policy) if r == 1 else None
+            info = first_round.reuse(shared, round_dir, log) if shared else None
+            if info is not None:
+                del policy
         if info is None:
             # 1. Sample N answers per prompt from the current model and score them.
             prompts = round_prompts(all_prompts, alg.prompts_per_round, config.seed, r)
-            policy = load_causal_lm(model, trainable=False).to(device)
             generator = make_generator(policy, tokenizer)
             heldout = heldout_figures(generator, reward_fn, eval_prompts, config, pad_id) if eval_prompts else {}
             n = alg.num_generations
@@ -156,6 +162,8 @@ def _rounds(
                 tmp = round_dir / ".round.json.tmp"
                 tmp.write_text(json.dumps(info, indent=1))
                 tmp.replace(round_dir / "round.json")  # last: a round with round.json has all its pairs
+                if shared:
+                    first_round.keep(shared, round_dir)
             distributed.barrier()
         log(f"round {r}: mean reward {info['reward_mean']:.3f}, {info['pairs']} pairs from {info['prompts']} prompts")
         rounds.append(info)
