@@ -178,6 +178,10 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     lines = capsys.readouterr().out
     assert lines.count("frontier: run ") == 10 and "trained in" in lines
+    # --quick gives the four DPO runs (two curves x two betas) the same prompts and sampling: one first round
+    # sampled, three copied.
+    assert len(list((folder / "frontier" / "rounds").iterdir())) == 1
+    assert lines.count("round 1: pairs reused from ") == 3
     assert lines.rstrip().splitlines()[-1].endswith("frontier.html, frontier.png")
 
     # A rerun reuses every run and every measured point.

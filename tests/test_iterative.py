@@ -137,14 +137,17 @@ def test_the_first_round_key_leaves_out_only_what_the_training_reads(tiny_model_
     """Beta, the loss, the learning rate, the rounds and where the run writes do not change round 1's pairs;
     the seed, the samples per prompt, the sampling, the rewards and the starting weights do."""
     cfg = two_rounds(tiny_model_dir, tmp_path, "a")
-    name = first_round.key(load(cfg), "weights")
+    name = first_round.key(load(cfg), "weights", "data")
     same = {"beta": 0.5, "loss": "ipo", "learning_rate": 3e-4, "rounds": 4, "output_dir": str(tmp_path / "b"),
             "steps_per_round": 7, "save_steps": 2, "keep_resumable": 1}  # fmt: skip
-    assert first_round.key(load({**cfg, **same}), "weights") == name
+    assert first_round.key(load({**cfg, **same}), "weights", "data") == name
     other = [{"seed": 1}, {"num_generations": 4}, {"generation": {"temperature": 0.7}}, {"tie_threshold": 0.1},
-             {"rewards": [{"name": "regex_format", "pattern": "^no$"}]}, {"prompts_per_round": 3}]  # fmt: skip
-    assert all(first_round.key(load({**cfg, **change}), "weights") != name for change in other)
-    assert first_round.key(load(cfg), "other weights") != name
+             {"rewards": [{"name": "regex_format", "pattern": "^no$"}]}, {"prompts_per_round": 3},
+             {"precision": "bf16"}, {"generation": {"max_new_tokens": 5}},
+             {"data": {**cfg["data"], "max_length": 32}}]  # fmt: skip
+    assert all(first_round.key(load({**cfg, **change}), "weights", "data") != name for change in other)
+    assert first_round.key(load(cfg), "other weights", "data") != name
+    assert first_round.key(load(cfg), "weights", "edited data") != name
 
 
 def test_runs_that_would_sample_the_same_first_round_share_it(tiny_model_dir: Path, tmp_path: Path) -> None:

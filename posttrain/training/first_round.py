@@ -22,7 +22,7 @@ import contextvars
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from torch import nn
 
 from posttrain import distributed
 from posttrain.config import TrainConfig
+from posttrain.training import rundir
 from posttrain.training.reference import weights_digest
 
 _FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("first_rounds", default=None)
@@ -55,19 +56,22 @@ def shared_first_rounds(folder: Path) -> Iterator[None]:
         _FOLDER.reset(token)
 
 
-def key(config: TrainConfig, weights: str) -> str:
+def key(config: TrainConfig, weights: str, data: str) -> str:
     """The digest that names a first round: ``config`` without :data:`TRAINING_ONLY`, ``weights`` (the
-    starting model's digest) and the number of processes."""
+    starting model's digest), ``data`` (the prompts' digest: a file edited under the same name is other
+    data) and the number of processes."""
     kept = {k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY}
-    text = json.dumps({"config": kept, "weights": weights, "processes": distributed.world_size()},
+    text = json.dumps({"config": kept, "weights": weights, "data": data, "processes": distributed.world_size()},
                       sort_keys=True, default=str)  # fmt: skip
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def name_of(config: TrainConfig, policy: nn.Module) -> str | None:
-    """The key of the first round ``policy`` (the starting model) would sample; None outside
-    :func:`shared_first_rounds` (nothing hashed)."""
-    return key(config, weights_digest(policy)) if _FOLDER.get() is not None else None
+def name_of(config: TrainConfig, policy: nn.Module, prompts: Sequence[Any]) -> str | None:
+    """The key of the first round ``policy`` (the starting model) would sample from ``prompts`` (the
+    training and held-out ones); None outside :func:`shared_first_rounds` (nothing hashed)."""
+    if _FOLDER.get() is None:
+        return None
+    return key(config, weights_digest(policy), rundir.data_digest(prompts))
 
 
 def reuse(name: str, round_dir: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -80,8 +84,9 @@ def reuse(name: str, round_dir: Path, log: Callable[[str], None]) -> dict[str, A
         return None
     if distributed.is_main():
         round_dir.mkdir(parents=True)
-        for file in FILES:
-            shutil.copyfile(source / file, round_dir / file)
+        for file in FILES:  # each through a temporary name: a kill never leaves half a round.json
+            shutil.copyfile(source / file, round_dir / f".{file}.tmp")
+            (round_dir / f".{file}.tmp").replace(round_dir / file)
     distributed.barrier()
     info = dict(json.loads((round_dir / FILES[-1]).read_text()))
     log(f"round 1: pairs reused from {source} (sampled by a run with the same starting model, prompts, "
@@ -89,16 +94,20 @@ def reuse(name: str, round_dir: Path, log: Callable[[str], None]) -> dict[str, A
     return info
 
 
-def keep(name: str, round_dir: Path) -> None:
+def keep(name: str, round_dir: Path, log: Callable[[str], None]) -> None:
     """Leave the first round just written in ``round_dir`` under ``name`` (main process; a copy made in a
-    temporary folder, then renamed, so that a reader never sees half of one)."""
+    temporary folder, then renamed, so that a reader never sees half of one). Sharing saves time and no
+    more: a copy that fails (a full disk) is said in one line and the run goes on with its own round."""
     folder = _FOLDER.get()
     if folder is None or not distributed.is_main() or (folder / name).exists():
         return
     tmp = folder / f".{name}.tmp"
-    if tmp.exists():  # left by a killed run
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for file in FILES:
-        shutil.copyfile(round_dir / file, tmp / file)
-    tmp.replace(folder / name)
+    try:
+        if tmp.exists():  # left by a killed run
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for file in FILES:
+            shutil.copyfile(round_dir / file, tmp / file)
+        tmp.replace(folder / name)
+    except OSError as err:
+        log(f"round 1: not kept for the grid's other runs ({err}); they will sample their own")

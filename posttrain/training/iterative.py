@@ -128,7 +128,7 @@ def _rounds(
         if info is None:
             policy = load_causal_lm(model, trainable=False).to(device)
             # Round 1 samples the starting model: the same round for every run with its key (the frontier's).
-            shared = first_round.name_of(config, policy) if r == 1 else None
+            shared = first_round.name_of(config, policy, [*all_prompts, *eval_prompts]) if r == 1 else None
             info = first_round.reuse(shared, round_dir, log) if shared else None
             if info is not None:
                 del policy
@@ -163,7 +163,7 @@ def _rounds(
                 tmp.write_text(json.dumps(info, indent=1))
                 tmp.replace(round_dir / "round.json")  # last: a round with round.json has all its pairs
                 if shared:
-                    first_round.keep(shared, round_dir)
+                    first_round.keep(shared, round_dir, log)
             distributed.barrier()
         log(f"round {r}: mean reward {info['reward_mean']:.3f}, {info['pairs']} pairs from {info['prompts']} prompts")
         rounds.append(info)
