@@ -30,7 +30,7 @@ from torch import nn
 
 from posttrain import distributed
 from posttrain.config import TrainConfig
-from posttrain.training import rundir
+from posttrain.training import checkpoint, rundir
 from posttrain.training.reference import weights_digest
 
 _FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("first_rounds", default=None)
@@ -95,19 +95,19 @@ def reuse(name: str, round_dir: Path, log: Callable[[str], None]) -> dict[str, A
 
 
 def keep(name: str, round_dir: Path, log: Callable[[str], None]) -> None:
-    """Leave the first round just written in ``round_dir`` under ``name`` (main process; a copy made in a
-    temporary folder, then renamed, so that a reader never sees half of one). Sharing saves time and no
-    more: a copy that fails (a full disk) is said in one line and the run goes on with its own round."""
+    """Leave the first round just written in ``round_dir`` under ``name`` (main process; written as a
+    checkpoint is, :func:`checkpoint.write_atomically`, so that a reader never sees half of one). Sharing
+    saves time and no more: a copy that fails (a full disk) is said in one line and the run goes on with its
+    own round."""
     folder = _FOLDER.get()
     if folder is None or not distributed.is_main() or (folder / name).exists():
         return
-    tmp = folder / f".{name}.tmp"
-    try:
-        if tmp.exists():  # left by a killed run
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+
+    def copy(tmp: Path) -> None:
         for file in FILES:
             shutil.copyfile(round_dir / file, tmp / file)
-        tmp.replace(folder / name)
-    except OSError as err:
+
+    try:
+        checkpoint.write_atomically(folder / name, copy)
+    except checkpoint.WriteError as err:
         log(f"round 1: not kept for the grid's other runs ({err}); they will sample their own")

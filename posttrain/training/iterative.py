@@ -126,11 +126,14 @@ def _rounds(
         pairs_file = round_dir / "pairs.jsonl"
         info, shared = _saved_round(round_dir), None
         if info is None:
-            policy = load_causal_lm(model, trainable=False).to(device)
-            # Round 1 samples the starting model: the same round for every run with its key (the frontier's).
+            policy = load_causal_lm(model, trainable=False)
+            # Round 1 samples the starting model: the same round for every run with its key (the frontier's),
+            # whose weights are digested here on the host, before they move to the device.
             shared = first_round.name_of(config, policy, [*all_prompts, *eval_prompts]) if r == 1 else None
             info = first_round.reuse(shared, round_dir, log) if shared else None
-            if info is not None:
+            if info is None:
+                policy = policy.to(device)
+            else:
                 del policy
         if info is None:
             # 1. Sample N answers per prompt from the current model and score them.
