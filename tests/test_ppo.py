@@ -101,12 +101,13 @@ def test_a_new_critic_head_starts_at_zero_and_a_saved_one_is_kept(
     ids, att = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
     mask = torch.tensor([[False, True, True, True]])
     critic = load_critic(str(tiny_model_dir), tiny_tokenizer)
-    assert critic(ids, att, mask).abs().sum() == 0.0
+    assert critic(ids, att, mask).abs().sum() == 0.0 and critic.new_head
     assert critic.model.score.weight.requires_grad
     torch.nn.init.normal_(critic.model.score.weight)
     critic.save(tmp_path / "critic", tiny_tokenizer)
     again = load_critic(str(tmp_path / "critic"), tiny_tokenizer)
     torch.testing.assert_close(again.model.score.weight, critic.model.score.weight)
+    assert not again.new_head
     torch.testing.assert_close(again(ids, att, mask), critic(ids, att, mask))
 
 

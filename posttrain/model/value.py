@@ -33,9 +33,10 @@ def _shift(head_values: Tensor, loss_mask: Tensor) -> Tensor:
 class SeparateCritic(nn.Module):
     """A sequence classifier used per token: its trunk's hidden states through its ``score`` head."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, new_head: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.new_head = new_head  # its score head was made here (started at zero), not loaded
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
         model: Any = self.model
@@ -79,11 +80,12 @@ def load_critic(name: str, tokenizer: Any, *, gradient_checkpointing: bool = Fal
     head's gradient, hidden state x error, is not zero, so the critic learns from the first step.
     """
     model: Any = load_reward_model(name, tokenizer, gradient_checkpointing=gradient_checkpointing)
-    if not any(arch.endswith("ForSequenceClassification") for arch in model.config.architectures or ()):
-        with torch.no_grad():  # a causal LM's config: the score head is new
+    new_head = not any(arch.endswith("ForSequenceClassification") for arch in model.config.architectures or ())
+    if new_head:  # a causal LM's config: the score head is new
+        with torch.no_grad():
             for param in model.score.parameters():
                 param.zero_()
-    return SeparateCritic(model)
+    return SeparateCritic(model, new_head=new_head)
 
 
 def critic_source(critic_model: str | None, rewards: tuple[Any, ...], model: str) -> str:

@@ -152,6 +152,8 @@ def _train_online(
     passes, minibatches = method.passes, method.minibatches
     mask_truncated = alg.masks_truncated(gen)
     critic, start_critic = method.build_critic(policy, tokenizer, device)  # (PPO's: a value head or a model)
+    if isinstance(critic, SeparateCritic) and critic.new_head:  # transformers' load report calls it MISSING
+        log("critic: its value head (score.weight) is new and starts at zero; a load report's MISSING is expected")
 
     # 3. A resumed run's trained weights, then the models made data-parallel, then optimizers and schedules
     # (one optimizer step per minibatch of each pass over a rollout; built on fsdp2's sharded parameters).
