@@ -82,8 +82,10 @@ def test_a_run_killed_in_round_2_resumes_from_its_last_checkpoint(
 ) -> None:
     """Killed after round 2's first checkpoint: a plain start is refused, a changed config too; ``--resume``
     keeps round 1 and round 2's pairs (the model is sampled only for the closing held-out pass) and continues
-    round 2's offline run from its checkpoint: the same model and losses as a run never stopped."""
-    cfg = two_rounds(tiny_model_dir, tmp_path, "it", save_steps=1, **BIT_EXACT)
+    round 2's offline run from its checkpoint: the same model and losses as a run never stopped. With
+    ``keep_resumable`` a finished round's checkpoints keep no training state (it is never resumed), so the
+    run holds one resumable checkpoint however many rounds it trained."""
+    cfg = two_rounds(tiny_model_dir, tmp_path, "it", save_steps=1, keep_resumable=1, **BIT_EXACT)
     straight = run_iterative(load({**cfg, "output_dir": str(tmp_path / "straight")}), generator_factory=factory)
     save, saves = checkpoint.save_checkpoint, []
 
@@ -98,6 +100,9 @@ def test_a_run_killed_in_round_2_resumes_from_its_last_checkpoint(
         run_iterative(load(cfg), generator_factory=factory)
     monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     assert saves[-1].relative_to(tmp_path / "it").as_posix() == "round-2/train/checkpoints/step-000001"
+    resumable = {p.relative_to(tmp_path / "it").as_posix() for p in saves if checkpoint.resumable(p)}
+    assert resumable == {"round-2/train/checkpoints/step-000001"}  # round 1's: models only
+    assert all((p / "model.safetensors").exists() for p in saves)
     with pytest.raises(ConfigError, match=r"in round-2\); pass --resume to continue that run"):
         run_iterative(load(cfg), generator_factory=factory)
     with pytest.raises(ConfigError, match=r"--resume: the config differs .*learning_rate"):
@@ -107,6 +112,8 @@ def test_a_run_killed_in_round_2_resumes_from_its_last_checkpoint(
     resumed = run_iterative(load(cfg), resume=True, generator_factory=counting)
     assert len(sampled) == 1 and resumed.summary["rounds"] == straight.summary["rounds"]
     assert_same_causal_lm_run(straight, resumed)
+    rounds = [tmp_path / "it" / f"round-{r}" / "train" for r in (1, 2)]
+    assert not any(checkpoint.resumable(path) for r in rounds for _, path in checkpoint.saved(r))
 
 
 def test_a_round_killed_while_sampling_samples_again(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.report.card import write_card
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
-from posttrain.training import first_round, memory, rundir
+from posttrain.training import checkpoint, first_round, memory, rundir
 from posttrain.training.offline import RunResult, check_resumable, run
 from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards, sample_all
 
@@ -178,6 +178,8 @@ def _rounds(
         train_dir = round_dir / "train"
         offline = round_config(config, pairs_file, model, train_dir)
         result = RunResult.read_back(train_dir) or run(offline, resume=train_dir.exists())
+        if config.keep_resumable is not None and distributed.is_main():
+            checkpoint.slim(train_dir, 0)  # a finished round is never resumed: its checkpoints stay as models
         model = str(result.model_dir)
     if result is None:
         raise ConfigError("iterative_dpo: no round produced enough pairs to train; raise num_generations or rounds")
