@@ -33,7 +33,7 @@ import copy
 import dataclasses
 import re
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -276,9 +276,10 @@ def _refers_to(stage: Stage, earlier: Stage) -> bool:
     return str(earlier.output_dir / "model") in json.dumps(stage.config.to_dict(), default=str)
 
 
-def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:
+def _check_outputs(stages: list[Stage], resume: bool, idle: Collection[str] = ()) -> list[Stage]:
     """Mark the finished stages as done; refuse output directories that a run would clash with (a stage that
-    posttrain marked as failed or killed before its first checkpoint starts again in place)."""
+    posttrain marked as failed or killed before its first checkpoint starts again in place). ``idle``: the
+    names of stages not run now (a frontier's ``--only``), whose unfinished folders clash with nothing."""
     from posttrain.training.rundir import restartable
 
     out: list[Stage] = []
@@ -299,7 +300,7 @@ def _check_outputs(stages: list[Stage], resume: bool) -> list[Stage]:
                     f"({'; '.join(changed[:3])}); remove that folder to train the stage again, or rename the stage"
                 )
             stage = Stage(stage.index, stage.name, stage.config, stage.chained, done=True)
-        elif has_files and not resume and not restartable(stage.output_dir):
+        elif has_files and not resume and stage.name not in idle and not restartable(stage.output_dir):
             raise ConfigError(
                 f"{stage.label}: output_dir: {stage.output_dir} holds an unfinished run; pass --resume to "
                 "continue it from its last checkpoint, or remove it"
@@ -327,15 +328,17 @@ def _check_data(stages: list[Stage]) -> None:
 
 
 def validate(
-    source: str | Path | dict[str, Any], overrides: Sequence[str] = (), resume: bool = False, check_data: bool = True
-) -> list[Stage]:
+    source: str | Path | dict[str, Any], overrides: Sequence[str] = (), resume: bool = False, check_data: bool = True,
+    idle: Collection[str] = (),
+) -> list[Stage]:  # fmt: skip
     """Everything checked before a pipeline runs: every stage's config, output directory and data rows.
 
+    ``idle``: stages not run now (a frontier's ``--only``): an unfinished folder of theirs is not refused.
     Returns the stages, the finished ones marked ``done``. Raises ConfigError or DataError naming the stage.
     """
     stages = stages_of(source, overrides)
     try:
-        stages = _check_outputs(stages, resume)
+        stages = _check_outputs(stages, resume, idle)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}" if isinstance(source, (str, Path)) else str(err)) from err
     if check_data:

@@ -5,6 +5,7 @@ the table and the plot written; a rerun reuses the runs and the points)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -231,9 +232,17 @@ def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> Non
         ],
         "frontier": {"points": 2, "shown": 1},
     }  # fmt: skip
+    # An unfinished run of another curve (failed in its first round, say) does not stop --only of this one.
+    unfinished = tmp_path / "grid" / "dpo-offline"
+    (unfinished / "round-1").mkdir(parents=True)
+    (unfinished / "run_state.json").write_text(json.dumps({"state": "failed", "error": "No space left on device"}))
+    with pytest.raises(ConfigError, match=r"dpo-offline.* holds an unfinished run; pass --resume"):
+        run_frontier(config, log=lambda _: None)
     lines: list[str] = []
     first = run_frontier(config, only=["grpo"], log=lines.append)
     assert [r["run"] for r in first["runs"]] == ["grpo"] and len(first["runs"][0]["points"]) == 2
+    assert (unfinished / "round-1").is_dir()  # left as it was
+    shutil.rmtree(unfinished)
     lines.clear()
     second = run_frontier(config, resume=True, log=lines.append)
     assert [r["run"] for r in second["runs"]] == ["grpo", "dpo-offline"]

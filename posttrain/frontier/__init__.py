@@ -10,7 +10,7 @@ tiny model in seconds (the tests run it).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ from posttrain.frontier.grid import Grid, quick, read_grid, select
 __all__ = ["run_frontier"]
 
 
-def _check(grid: Grid, resume: bool) -> list[Any]:
+def _check(grid: Grid, resume: bool, idle: Collection[str] = ()) -> list[Any]:
     """Every run checked before anything is written (its config, output folder and data rows, as a pipeline
     checks its stages), one set of rewards and one reference for all, held-out prompts unseen in training.
-    Returns the stages, the finished ones marked ``done``."""
+    ``idle``: runs not trained now (``--only``), whose unfinished folders are left as they are. Returns the
+    stages, the finished ones marked ``done``."""
     from posttrain.config.loader import check_rewards
     from posttrain.data.formats import read_rows, resolve_source
     from posttrain.pipeline import validate
@@ -34,7 +35,7 @@ def _check(grid: Grid, resume: bool) -> list[Any]:
                 check_rewards(stage.get("rewards") or (), (grid.folder,))
             except ConfigError as err:
                 raise ConfigError(f"{stage.get('name', 'frontier')}: {err}") from err
-    stages = validate(grid.pipeline, resume=resume)
+    stages = validate(grid.pipeline, resume=resume, idle=idle)
     first = stages[0].config
     for stage in stages:
         if stage.config.rewards != first.rewards:
@@ -68,9 +69,9 @@ def run_frontier(
     grid = read_grid(source, list(overrides))
     if quick_mode:
         grid = quick(grid)
-    every = _check(grid, resume)  # the whole grid: its finished runs are in the table
     training = select(grid, only) if only else grid
     names = {r.name for r in training.runs}
+    every = _check(grid, resume, {r.name for r in grid.runs} - names)  # the whole grid: its finished runs
     stages = [s for s in every if s.name in names]
     settings = grid.settings
     meter = PointMeter(stages[0].config, settings, grid.eval_data)
