@@ -12,8 +12,10 @@ import math
 from dataclasses import dataclass
 from html import escape
 
-COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
-"""One colour per run (the Okabe-Ito palette: told apart by colour-blind readers too)."""
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999",
+           "#882255", "#117733", "#332288", "#DDCC77", "#44AA99", "#AA4499")  # fmt: skip
+"""One colour per run: the Okabe-Ito palette, then six of Paul Tol's muted ones (both told apart by
+colour-blind readers), so a frontier of up to 14 curves repeats none."""
 DASHES = ("", "6 3", "2 3", "8 3 2 3")
 """One dash pattern per figure of a chart that shows several (a run's chosen and rejected rewards)."""
 
