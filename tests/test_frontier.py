@@ -174,7 +174,9 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     page = (folder / "frontier.html").read_text()
     assert "<svg" in page and "KL(policy || reference)" in page and "online-dpo beta=0.02" in page
     table = (folder / "frontier.md").read_text()
-    assert table.count("\n| ") == 1 + 1 + 30  # header, start, 10 runs x 3 points
+    assert table.count("\n| ") == (1 + 10) + (1 + 1 + 30)  # at equal KL: header, 10 runs; points: header, start, 10 x 3
+    assert "| method | run | KL <= 5 | KL <= 10 |" in table  # the example's kl_budgets
+    assert all(len(run["kl_budgets"]) == 2 for run in result["runs"])
     assert "Measured on: cpu (" in table and " threads, torch " in table
     assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     lines = capsys.readouterr().out
@@ -260,3 +262,66 @@ def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert sum("(reused)" in line for line in lines) == 4, lines
     figures = lambda result: [{**p, "model": None} for r in result["runs"] for p in r["points"]]  # noqa: E731
     assert figures(third) == figures(second) and third["start"] == second["start"]  # (the paths are the new ones)
+
+
+def _point(step: int, kl: float, reward: float, se: float = 0.02) -> dict[str, Any]:
+    return {"step": step, "kl": kl, "reward": reward, "reward_se": se}
+
+
+START = {"kl": 0.0, "reward": 0.1, "reward_se": 0.04}
+
+
+def test_best_reward_within_a_kl_budget_by_hand() -> None:
+    from posttrain.frontier.budget import best_within
+
+    path = [_point(15, 2.72, 0.396), _point(45, 8.94, 0.781, 0.027), _point(75, 10.15, 0.835, 0.025)]
+    # On the line from step 45 to 75: w = (10 - 8.94) / (10.15 - 8.94) = 0.876; 0.781 + w * 0.054 = 0.8283.
+    got = best_within(START, path, 10.0)
+    assert got["steps"] == [45, 75] and got["reached"] and got["kl"] == 10.0
+    assert got["reward"] == pytest.approx(0.781 + 1.06 / 1.21 * 0.054, abs=1e-6)
+    assert got["reward_se"] == pytest.approx(0.027 + 1.06 / 1.21 * (0.025 - 0.027), abs=1e-6)
+    # Below the first point: on the line from the start (step 0), 0.1 + (1 / 2.72) * 0.296 = 0.2088.
+    first = best_within(START, path, 1.0)
+    assert first["steps"] == [0, 15] and first["reward"] == pytest.approx(0.1 + 0.296 / 2.72, abs=1e-6)
+    # A path that comes back: the better earlier point wins over the crossing after it (9.82 -> 9.85 -> 10.39).
+    back = [_point(30, 9.82, 0.768), _point(40, 9.85, 0.716), _point(50, 10.39, 0.725)]
+    assert best_within(START, back, 10.0)["steps"] == [30]
+    # A path that stops short of the budget: its best point, not reached.
+    short = best_within(START, [_point(10, 5.16, 0.483), _point(20, 5.89, 0.568), _point(30, 5.44, 0.560)], 10.0)
+    assert (short["steps"], short["reward"], short["reached"]) == ([20], 0.568, False)
+    with pytest.raises(ValueError, match="must be > 0"):
+        best_within(START, path, 0.0)
+
+
+def test_the_table_compares_runs_at_equal_kl() -> None:
+    from posttrain.frontier.budget import best_within
+    from posttrain.frontier.output import html, markdown
+
+    figures = {"distinct_2": 0.9, "completion_length": 30, "kl_se": 0.1}
+    points = [{**figures, **_point(10, 8.0, 0.7)}, {**figures, **_point(20, 12.0, 0.9, 0.04)}]
+    short = [{**figures, **_point(10, 4.0, 0.5)}]
+    result = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0, "kl_budgets": [5.0, 10.0],
+              "start": {**figures, **START, "kl_se": 0.0},
+              "runs": [{"run": "grpo-beta-0.1", "label": "grpo", "strength": "beta=0.1", "points": points},
+                       {"run": "ppo", "label": "ppo", "strength": "", "points": short}]}  # fmt: skip
+    for run in result["runs"]:
+        run["kl_budgets"] = [best_within(result["start"], run["points"], b) for b in result["kl_budgets"]]
+    table = markdown(result)
+    assert "| method | run | KL <= 5 | KL <= 10 |" in table
+    # grpo at 5 nats: 0.1 + (5 / 8) * 0.6 = 0.475 on the line from the start, s.e. 3/8 * 0.04 + 5/8 * 0.02 =
+    # 0.0275; at 10: halfway from step 10 to 20.
+    assert "| grpo | grpo-beta-0.1 | 0.475 ± 0.028 (steps 0-10) | 0.800 ± 0.030 (steps 10-20) |" in table
+    assert "| ppo | ppo | 0.500 ± 0.020 (step 10), ends at 4.00 | 0.500 ± 0.020 (step 10), ends at 4.00 |" in table
+    assert "Best reward within a KL budget" in html(result)
+    del result["kl_budgets"]  # a frontier.json written before budgets existed, or without them: no table
+    assert "Best reward within" not in markdown(result) and "Best reward within" not in html(result)
+
+
+@pytest.mark.parametrize("budgets", [[0], [-1.0], ["10"], [True], 10, [float("inf")]])
+def test_kl_budgets_must_be_positive_numbers(budgets: Any) -> None:
+    with pytest.raises(ConfigError, match=r"frontier\.kl_budgets: must be a list of numbers > 0"):
+        read_grid(grid_config(frontier={"kl_budgets": budgets}))
+
+
+def test_kl_budgets_are_sorted_once_each() -> None:
+    assert read_grid(grid_config(frontier={"kl_budgets": [10, 5, 10.0]})).settings.kl_budgets == (5.0, 10.0)

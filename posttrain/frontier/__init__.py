@@ -61,6 +61,7 @@ def run_frontier(
     the table and the plot with every finished run of the grid (a grid stopped part way has its figures).
     ``only``: the labels of the curves to train now (the table keeps the others' finished runs). Returns
     the result (what frontier.json holds)."""
+    from posttrain.frontier.budget import best_within
     from posttrain.frontier.output import write_all
     from posttrain.frontier.points import PointMeter, path_points, spread
     from posttrain.pipeline import run_pipeline
@@ -78,7 +79,8 @@ def run_frontier(
     cache = grid.output_dir / "frontier" / "points"
     measured: dict[str, list[dict[str, Any]]] = {}
     result: dict[str, Any] = {"output_dir": str(grid.output_dir), "data": grid.eval_data, "samples": settings.samples,
-                              "seed": settings.seed, "start": None, "runs": []}  # fmt: skip
+                              "seed": settings.seed, "kl_budgets": list(settings.kl_budgets), "start": None,
+                              "runs": []}  # fmt: skip
 
     def shown(figures: dict[str, Any]) -> dict[str, Any]:  # the cache keeps every sample; the table a few
         return {**figures, "shown": figures["shown"][: settings.shown]}
@@ -98,7 +100,8 @@ def run_frontier(
 
     def write() -> None:
         result["runs"] = [
-            {"run": r.name, "label": r.label, "strength": r.strength, "points": measured[r.name]}
+            {"run": r.name, "label": r.label, "strength": r.strength, "points": measured[r.name],
+             "kl_budgets": [best_within(result["start"], measured[r.name], b) for b in settings.kl_budgets]}
             for r in grid.runs if r.name in measured
         ]  # fmt: skip
         notes = write_all(result, grid.output_dir)

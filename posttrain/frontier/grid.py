@@ -10,7 +10,7 @@ A frontier config is a pipeline config (:mod:`posttrain.pipeline`: shared keys a
     grid:
       - {method: grpo, learning_rate: 1.0e-5, vary: {beta: [0.02, 0.1]}}    # runs grpo-beta-0.02, grpo-beta-0.1
       - {label: dpo-offline, method: iterative_dpo, rounds: 1, vary: {beta: [0.1, 0.5]}}
-    frontier: {points: 3, samples: 1, seed: 0, shown: 3}
+    frontier: {points: 3, samples: 1, seed: 0, shown: 3, kl_budgets: [5, 10]}
 
 Each grid entry is one curve (``label``, default its method) and, with ``vary: {KEY: [v1, v2, ...]}``, one
 run per value (its strength); a run is named ``LABEL-KEY-VALUE`` and writes to ``output_dir/NAME`` as a
@@ -40,7 +40,7 @@ from posttrain.data.formats import read_rows, resolve_source
 from posttrain.fields import nearest
 from posttrain.pipeline import NAME, read_raw
 
-FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data")
+FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data", "kl_budgets")
 RESERVED = ("frontier", "quick-model", "quick-data")
 """Folder names of ``output_dir`` that the frontier itself writes: not run labels."""
 GRID_KEYS = ("label", "vary")
@@ -60,6 +60,8 @@ class FrontierSettings:
     """Sample completions kept per point in frontier.json and frontier.html."""
     data: str | None = None
     """Held-out prompts; default: the shared ``data.eval``."""
+    kl_budgets: tuple[float, ...] = ()
+    """KLs (nats per completion) at which each run's best reward is tabled (:mod:`posttrain.frontier.budget`)."""
 
     def __post_init__(self) -> None:
         for key, low in (("points", 1), ("samples", 1), ("shown", 0)):
@@ -70,6 +72,12 @@ class FrontierSettings:
             raise ConfigError(f"frontier.seed: must be an integer, got {self.seed!r}")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
             raise ConfigError(f"frontier.data: must be a data file, got {self.data!r}")
+        budgets = self.kl_budgets
+        if not isinstance(budgets, (list, tuple)) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in budgets
+        ):
+            raise ConfigError(f"frontier.kl_budgets: must be a list of numbers > 0 (nats), got {budgets!r}")
+        object.__setattr__(self, "kl_budgets", tuple(sorted({float(b) for b in budgets})))
 
 
 @dataclass(frozen=True)

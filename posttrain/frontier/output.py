@@ -14,6 +14,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from posttrain.frontier.budget import describe
 from posttrain.machine import summary
 from posttrain.report.svg import COLOURS, DASHES, Line, chart
 
@@ -45,6 +46,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"{n}. {m}" for n, m in enumerate(machines, 1)] + [""]
     else:
         lines += [f"Measured on: {machines[0]}.", ""]
+    lines += _budget_table(result)
     on = " on |" if several else ""
     lines += [
         "| method | run | strength | step | reward | KL (nats) | distinct-2 | length (tokens) |" + on,
@@ -58,6 +60,35 @@ def markdown(result: dict[str, Any]) -> str:
             + (f" {machines.index(_machine(row)) + 1} |" if several else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def _budget_cells(result: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
+    """(run, one cell per KL budget) for each run: :func:`posttrain.frontier.budget.describe`."""
+    out = []
+    for run in result["runs"]:
+        end = max((p["kl"] for p in run["points"]), default=0.0)
+        out.append((run, [describe(f, end) for f in run.get("kl_budgets", [])]))
+    return out
+
+
+def _budget_table(result: dict[str, Any]) -> list[str]:
+    """The runs compared at equal KL (``frontier.kl_budgets``), before the points; none without budgets."""
+    budgets = result.get("kl_budgets") or []
+    if not budgets:
+        return []
+    lines = [
+        "Best reward within a KL budget: on each run's path (the starting model, then its points in step order, "
+        "joined by straight lines) the highest held-out reward at a KL of at most the budget, at a point (its "
+        "step) or on the line between two (their steps, reward and s.e. interpolated); `ends at`: the run stops "
+        "short of the budget. The best of several noisy points leans upwards: read differences under two "
+        "standard errors as ties.",
+        "",
+        "| method | run |" + "".join(f" KL <= {b:g} |" for b in budgets),
+        "|---|---|" + "---:|" * len(budgets),
+    ]
+    lines += [f"| {run['label']} | {run['run']} |" + "".join(f" {c} |" for c in cells)
+              for run, cells in _budget_cells(result)]  # fmt: skip
+    return [*lines, ""]
 
 
 def _machine(row: dict[str, Any]) -> str:
@@ -95,6 +126,14 @@ def html(result: dict[str, Any]) -> str:
                      f"<td>{row['reward']:.3f} ± {row['reward_se']:.3f}</td><td>{row['kl']:.2f} ± {row['kl_se']:.2f}"
                      f"</td><td>{row['distinct_2']:.3f}</td><td>{shown}</td></tr>")  # fmt: skip
     table.append("</table>")
+    budgets = result.get("kl_budgets") or []
+    if budgets:
+        head = "".join(f"<th>KL &le; {b:g}</th>" for b in budgets)
+        rows = "".join(f"<tr><td>{escape(run['label'])}</td><td>{escape(run['run'])}</td>"
+                       + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>"
+                       for run, cells in _budget_cells(result))  # fmt: skip
+        table.insert(0, f"<h2>Best reward within a KL budget</h2><table><tr><th>method</th><th>run</th>{head}</tr>"
+                        f"{rows}</table><h2>Points</h2>")  # fmt: skip
     style = ("body{font:14px sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}.s{font-size:12px;margin:2px 0}"
              "i{color:#555}ul{list-style:none;padding:0}svg.chart{width:640px;height:auto}"
