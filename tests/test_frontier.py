@@ -181,6 +181,7 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     lines = capsys.readouterr().out
     assert lines.count("frontier: run ") == 10 and "trained in" in lines
+    assert lines.count(" within 10 nats: ") == 10  # each run's best at equal KL, in the log too
     # --quick gives the four DPO runs (two curves x two betas) the same prompts and sampling: one first round
     # sampled, three copied.
     assert len(list((folder / "frontier" / "rounds").iterdir())) == 1

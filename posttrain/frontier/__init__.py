@@ -61,7 +61,7 @@ def run_frontier(
     the table and the plot with every finished run of the grid (a grid stopped part way has its figures).
     ``only``: the labels of the curves to train now (the table keeps the others' finished runs). Returns
     the result (what frontier.json holds)."""
-    from posttrain.frontier.budget import best_within
+    from posttrain.frontier.budget import best_within, describe
     from posttrain.frontier.output import write_all
     from posttrain.frontier.points import PointMeter, path_points, spread
     from posttrain.pipeline import run_pipeline
@@ -125,6 +125,9 @@ def run_frontier(
             f"({path[-1].step if path else 0} steps)")  # fmt: skip
         measured[stage.name] = points_of(stage)
         write()
+        end = max((p["kl"] for p in measured[stage.name]), default=0.0)
+        for figure in next(r for r in result["runs"] if r["run"] == stage.name)["kl_budgets"]:
+            log(f"frontier: {stage.name} within {figure['kl']:g} nats: {describe(figure, end)}")
         started[0] = time.monotonic()
 
     # An iterative run's first round samples the starting model: one per key, shared by the grid's runs (an
