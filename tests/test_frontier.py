@@ -16,6 +16,7 @@ from posttrain.config import ConfigError
 from posttrain.frontier import run_frontier
 from posttrain.frontier.grid import read_grid, select
 from posttrain.frontier.points import Point, path_points, spread
+from posttrain.training import checkpoint
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "frontier_sentiment.yaml"
 
@@ -182,6 +183,10 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     lines = capsys.readouterr().out
     assert lines.count("frontier: run ") == 10 and "trained in" in lines
     assert lines.count(" within 10 nats: ") == 10  # each run's best at equal KL, in the log too
+    # A finished run is never resumed: every checkpoint left is a model (a point) without training state.
+    assert lines.count("its last checkpoint kept as a model, without training state") == 6  # 6 of 10 save any
+    for run in result["runs"]:
+        assert not any(checkpoint.resumable(path) for _, path in checkpoint.saved(folder / run["run"])), run["run"]
     # --quick gives the four DPO runs (two curves x two betas) the same prompts and sampling: one first round
     # sampled, three copied.
     assert len(list((folder / "frontier" / "rounds").iterdir())) == 1

@@ -61,10 +61,12 @@ def run_frontier(
     the table and the plot with every finished run of the grid (a grid stopped part way has its figures).
     ``only``: the labels of the curves to train now (the table keeps the others' finished runs). Returns
     the result (what frontier.json holds)."""
+    from posttrain import distributed
     from posttrain.frontier.budget import best_within, describe
     from posttrain.frontier.output import write_all
     from posttrain.frontier.points import PointMeter, path_points, spread
     from posttrain.pipeline import run_pipeline
+    from posttrain.training import checkpoint
     from posttrain.training.first_round import shared_first_rounds
 
     grid = read_grid(source, list(overrides))
@@ -128,6 +130,11 @@ def run_frontier(
         end = max((p["kl"] for p in measured[stage.name]), default=0.0)
         for figure in next(r for r in result["runs"] if r["run"] == stage.name)["kl_budgets"]:
             log(f"frontier: {stage.name} within {figure['kl']:g} nats: {describe(figure, end)}")
+        # A finished grid run is never resumed (the grid skips it): its newest checkpoint is a point, and its
+        # optimizer state (2.15 GB on SmolLM2-135M, a PPO critic's too) would only fill the disk.
+        keeps = stage.config.keep_resumable is not None and distributed.is_main()
+        if keeps and checkpoint.slim(stage.output_dir, 0):
+            log(f"frontier: {stage.name}: finished; its last checkpoint kept as a model, without training state")
         started[0] = time.monotonic()
 
     # An iterative run's first round samples the starting model: one per key, shared by the grid's runs (an
