@@ -127,9 +127,8 @@ def run_frontier(
             f"({path[-1].step if path else 0} steps)")  # fmt: skip
         measured[stage.name] = points_of(stage)
         write()
-        end = max((p["kl"] for p in measured[stage.name]), default=0.0)
         for figure in next(r for r in result["runs"] if r["run"] == stage.name)["kl_budgets"]:
-            log(f"frontier: {stage.name} within {figure['kl']:g} nats: {describe(figure, end)}")
+            log(f"frontier: {stage.name} within {figure['kl']:g} nats: {describe(figure)}")
         # A finished grid run is never resumed (the grid skips it): its newest checkpoint is a point, and its
         # optimizer state (2.15 GB on SmolLM2-135M, a PPO critic's too) would only fill the disk.
         keeps = stage.config.keep_resumable is not None and distributed.is_main()

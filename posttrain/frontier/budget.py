@@ -20,15 +20,15 @@ def best_within(start: dict[str, Any], points: list[dict[str, Any]], budget: flo
     """The best reward on the path ``start, *points`` at a KL of at most ``budget`` (``budget > 0``).
 
     Each point is a mapping with ``step``, ``kl``, ``reward`` and ``reward_se`` (``start`` has step 0).
-    Returns ``{"kl": budget, "reward", "reward_se", "steps", "reached"}``: ``steps`` is the point's step, or
-    the two steps whose line it lies on; ``reached`` whether the path gets as far as the budget (when it
-    does not, the best point of a path that stops short).
+    Returns ``{"kl": budget, "reward", "reward_se", "steps", "reached", "path_kl"}``: ``steps`` is the
+    point's step, or the two steps whose line it lies on; ``reached`` whether the path gets as far as the
+    budget (when it does not, the best point of a path that stops short); ``path_kl`` the path's largest KL.
 
     >>> a = {"step": 0, "kl": 0.0, "reward": 0.1, "reward_se": 0.04}
     >>> b = {"step": 10, "kl": 8.0, "reward": 0.7, "reward_se": 0.02}
     >>> c = {"step": 20, "kl": 12.0, "reward": 0.9, "reward_se": 0.04}
     >>> best_within(a, [b, c], 10.0)
-    {'kl': 10.0, 'reward': 0.8, 'reward_se': 0.03, 'steps': [10, 20], 'reached': True}
+    {'kl': 10.0, 'reward': 0.8, 'reward_se': 0.03, 'steps': [10, 20], 'reached': True, 'path_kl': 12.0}
     """
     if not budget > 0:
         raise ValueError(f"a KL budget must be > 0, got {budget!r}")
@@ -40,17 +40,18 @@ def best_within(start: dict[str, Any], points: list[dict[str, Any]], budget: flo
             reward = a["reward"] + w * (b["reward"] - a["reward"])
             se = (1 - w) * a["reward_se"] + w * b["reward_se"]
             candidates.append((reward, se, [a["step"], b["step"]]))
+    end = max(p["kl"] for p in path)
     if not candidates:  # every point, the start included, above the budget (the k1 estimate of a tiny KL)
-        return {"kl": budget, "reward": None, "reward_se": None, "steps": [], "reached": True}
+        return {"kl": budget, "reward": None, "reward_se": None, "steps": [], "reached": True, "path_kl": end}
     reward, se, steps = max(candidates, key=lambda c: c[0])
-    reached = max(p["kl"] for p in path) >= budget
-    return {"kl": budget, "reward": round(reward, 6), "reward_se": round(se, 6), "steps": steps, "reached": reached}
+    return {"kl": budget, "reward": round(reward, 6), "reward_se": round(se, 6), "steps": steps,
+            "reached": end >= budget, "path_kl": end}  # fmt: skip
 
 
-def describe(figure: dict[str, Any], path_end_kl: float) -> str:
+def describe(figure: dict[str, Any]) -> str:
     """One table cell: ``0.828 ± 0.026 (steps 60-75)``; a path that stops short says where it ends."""
     if figure["reward"] is None:
         return "-"
     where = "step" if len(figure["steps"]) == 1 else "steps"
     text = f"{figure['reward']:.3f} ± {figure['reward_se']:.3f} ({where} {'-'.join(map(str, figure['steps']))})"
-    return text if figure["reached"] else f"{text}, ends at {path_end_kl:.2f}"
+    return text if figure["reached"] else f"{text}, ends at {figure['path_kl']:.2f}"

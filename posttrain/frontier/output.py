@@ -64,11 +64,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _budget_cells(result: dict[str, Any]) -> list[tuple[dict[str, Any], list[str]]]:
     """(run, one cell per KL budget) for each run: :func:`posttrain.frontier.budget.describe`."""
-    out = []
-    for run in result["runs"]:
-        end = max((p["kl"] for p in run["points"]), default=0.0)
-        out.append((run, [describe(f, end) for f in run.get("kl_budgets", [])]))
-    return out
+    return [(run, [describe(f) for f in run.get("kl_budgets", [])]) for run in result["runs"]]
 
 
 def _budget_table(result: dict[str, Any]) -> list[str]:
