@@ -267,6 +267,10 @@ def test_ints_are_accepted_for_floats() -> None:
         ({"method": "cdpo", "label_smoothing": 0.6}, "label_smoothing: must be in [0, 0.5], got 0.6"),
         ({"method": "simpo", "gamma": -1}, "gamma: must be >= 0, got -1.0"),
         ({"method": "orpo", "orpo_lambda": -0.1}, "orpo_lambda: must be >= 0, got -0.1"),
+        (
+            {"method": "iterative_dpo", "data": {"train": "p.jsonl"}, "num_generations": 5, "pairs_per_prompt": 3},
+            "pairs_per_prompt: must be between 1 and num_generations // 2 = 2, got 3",
+        ),
         ({"rpo_alpha": -1}, "rpo_alpha: must be >= 0, got -1.0"),
         ({"batch_size": 8, "micro_batch_size": 3}, "micro_batch_size: must divide batch_size=8, got 3"),
         ({"micro_batch_size": 0}, "micro_batch_size: must divide batch_size=8, got 0"),

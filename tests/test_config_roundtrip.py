@@ -154,6 +154,7 @@ HYPERPARAMETERS = {
         "reference_update": "last",
         "steps_per_round": 1,
         "prompts_per_round": 12,
+        "pairs_per_prompt": 3,
     },
     "kto": {"beta": 0.2, "desirable_weight": 1.33, "undesirable_weight": 2.0},
 }

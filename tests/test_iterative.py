@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,20 @@ def test_pairing_and_tie_filtering_by_hand() -> None:
     assert best_worst_pairs([1.0, 1.0, 0.0], 3) == [Pair(0, 0, 2, 1.0)]
     with pytest.raises(ValueError, match="multiple of n"):
         best_worst_pairs([1.0, 0.0, 1.0], 2)
+
+
+def test_k_best_against_k_worst_by_hand() -> None:
+    """Prompt 0 (0.9, 0.1, 0.5, 0.6, 0.3, 0.8), k = 3: ranked best 0 (0.9), 5 (0.8), 3 (0.6); worst 1 (0.1),
+    4 (0.3), 2 (0.5): pairs (0, 1) 0.8, (5, 4) 0.5, (3, 2) 0.1, the last dropped at threshold 0.2 alone.
+    Prompt 1 (1, 0.5, 0.5, 0): k = 2 gives (0, 3) and (1, 1), the second a sample against itself: dropped."""
+    rewards = [0.9, 0.1, 0.5, 0.6, 0.3, 0.8]
+    got = [(p.chosen, p.rejected, round(p.margin, 6)) for p in best_worst_pairs(rewards, 6, per_prompt=3)]
+    assert got == [(0, 1, 0.8), (5, 4, 0.5), (3, 2, 0.1)]
+    assert [(p.chosen, p.rejected) for p in best_worst_pairs(rewards, 6, 0.2, per_prompt=3)] == [(0, 1), (5, 4)]
+    assert best_worst_pairs([1.0, 0.5, 0.5, 0.0], 4, per_prompt=2) == [Pair(0, 0, 3, 1.0)]
+    assert best_worst_pairs(rewards, 6, per_prompt=1) == [Pair(0, 0, 1, pytest.approx(0.8))]
+    with pytest.raises(ValueError, match="per_prompt <= n // 2 = 3, got 4"):
+        best_worst_pairs(rewards, 6, per_prompt=4)
 
 
 def two_rounds(model_dir: Path, tmp_path: Path, out: str, **extra: Any) -> dict[str, Any]:
@@ -67,6 +82,15 @@ def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> No
     )
     # Peak memory over every round (the GPU's too on a CUDA machine: tests/test_memory.py).
     assert result.summary["peak_rss_gb"] > 0 and ("peak_gpu_allocated_gb" in result.summary) == ON_CUDA
+
+
+def test_pairs_per_prompt_pairs_the_k_best_against_the_k_worst(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = two_rounds(tiny_model_dir, tmp_path, "k2", num_generations=4, pairs_per_prompt=2, rounds=1)
+    run_iterative(load(cfg), generator_factory=factory)
+    rows = [json.loads(line) for line in (tmp_path / "k2" / "round-1" / "pairs.jsonl").read_text().splitlines()]
+    per_prompt = Counter(row["prompt"] for row in rows)
+    assert max(per_prompt.values()) == 2 and len(rows) <= 2 * 8  # two pairs where two answers say yes
+    assert all(row["chosen"] == "yes" and row["score_chosen"] > row["score_rejected"] for row in rows)
 
 
 def test_round_prompts_are_fresh_each_round_and_reproducible() -> None:
@@ -153,6 +177,8 @@ def test_the_first_round_key_leaves_out_only_what_the_training_reads(tiny_model_
              {"precision": "bf16"}, {"generation": {"max_new_tokens": 5}},
              {"data": {**cfg["data"], "max_length": 32}}]  # fmt: skip
     assert all(first_round.key(load({**cfg, **change}), "weights", "data") != name for change in other)
+    four = {**cfg, "num_generations": 4}
+    assert first_round.key(load({**four, "pairs_per_prompt": 2}), "w", "d") != first_round.key(load(four), "w", "d")
     assert first_round.key(load(cfg), "other weights", "data") != name
     assert first_round.key(load(cfg), "weights", "edited data") != name
 

@@ -226,7 +226,8 @@ class PPO(OnlineAlgorithm):
 @dataclass(frozen=True)
 class IterativeDPO(OnlineAlgorithm):
     """Iterative DPO, the seeds' path@N: each round samples ``num_generations`` answers per prompt from the
-    current policy, scores them, pairs best against worst (dropping pairs within ``tie_threshold``), saves
+    current policy, scores them, pairs best against worst (``pairs_per_prompt`` = k: the k best against the k
+    worst; dropping pairs within ``tie_threshold``), saves
     the pairs as a data set and trains ``loss`` (any DPO-family method) on them; ``rounds`` rounds. The
     reference is the initial model (``reference_update: initial``) or the last round's (``last``). One
     optimizer step per round (``steps_per_round: 1``) is the per-step online DPO of Guo et al. 2024."""
@@ -244,6 +245,8 @@ class IterativeDPO(OnlineAlgorithm):
     """Optimizer steps per round; None = one pass (``epochs``) over the round's pairs."""
     prompts_per_round: int | None = None
     """Prompts sampled each round, drawn afresh per round from the training prompts; None = all of them."""
+    pairs_per_prompt: int = 1
+    """Pairs per prompt: the i-th best answer against the i-th worst, i = 1..k (k <= num_generations // 2)."""
 
     def __post_init__(self) -> None:
         check(self.num_generations >= 2, "num_generations", f"must be >= 2, got {self.num_generations}")
@@ -254,3 +257,5 @@ class IterativeDPO(OnlineAlgorithm):
         check(spr is None or spr >= 1, "steps_per_round", f"must be >= 1 or null, got {spr}")
         ppr = self.prompts_per_round
         check(ppr is None or ppr >= 1, "prompts_per_round", f"must be >= 1 or null, got {ppr}")
+        k, half = self.pairs_per_prompt, self.num_generations // 2
+        check(1 <= k <= half, "pairs_per_prompt", f"must be between 1 and num_generations // 2 = {half}, got {k}")

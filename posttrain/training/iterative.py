@@ -46,8 +46,8 @@ def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -
     alg = config.algorithm
     assert isinstance(alg, IterativeDPO)
     cfg = config.to_dict()
-    for key in ("rewards", "generation", "num_generations", "rounds", "tie_threshold", "loss", "reference_update",
-                "steps_per_round", "prompts_per_round", "beta"):  # fmt: skip
+    for key in ("rewards", "generation", "num_generations", "rounds", "tie_threshold", "pairs_per_prompt", "loss",
+                "reference_update", "steps_per_round", "prompts_per_round", "beta"):  # fmt: skip
         cfg.pop(key, None)
     cfg.update(method=alg.loss, model=model, output_dir=str(out), max_steps=alg.steps_per_round)
     cfg["data"] = {**cfg["data"], "train": str(pairs_file), "eval": None, "eval_size": 0}
@@ -145,10 +145,11 @@ def _rounds(
             samples = sample_all(generator, reward_fn, prompts, n, params, config.seed + r, pad_id, False)
             texts, scores = samples.texts, samples.rewards.tolist()
             del generator, policy, samples
-            # 2. Best against worst; ties dropped. Saved as a preference data set (reusable offline).
+            # 2. Best against worst (the k best against the k worst); ties dropped. Saved as a preference data
+            # set (reusable offline).
             # A pair whose texts are empty or decode identically carries no preference the data checks accept.
             pairs = [
-                p for p in best_worst_pairs(scores, n, alg.tie_threshold)
+                p for p in best_worst_pairs(scores, n, alg.tie_threshold, alg.pairs_per_prompt)
                 if texts[p.chosen].strip() and texts[p.rejected].strip() and texts[p.chosen] != texts[p.rejected]
             ]  # fmt: skip
             info = {"round": r, "pairs": len(pairs), "prompts": len(prompts), "reward_mean": sum(scores) / len(scores)}
