@@ -222,6 +222,28 @@ def test_points_measured_on_several_machines_say_so() -> None:
     assert "Measured on: cpu (CPU A), 2 logical CPUs, 2 threads, torch 2.9." in markdown(result)
 
 
+def test_the_png_tells_methods_apart_when_colours_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One method more than the palette has colours: the last repeats the first's colour with another marker."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from posttrain.frontier.output import png
+    from posttrain.report.svg import COLOURS
+
+    drawn, real = [], Axes.plot
+
+    def plot(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        drawn.append((kwargs["color"], kwargs["marker"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    point = {"step": 1, "reward": 0.5, "kl": 1.0}
+    runs = [{"run": f"m{i}", "label": f"m{i}", "strength": "", "points": [point]} for i in range(len(COLOURS) + 1)]
+    assert png({"start": {"reward": 0.1, "kl": 0.0}, "runs": runs}, tmp_path / "f.png") is None
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert drawn[-1] == (drawn[0][0], "s") and drawn[0][1] == "o" and len(set(drawn)) == len(runs)
+
+
 def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``--only`` trains one curve; the next sitting trains the rest (a fresh iterative run under --resume
     starts), reuses the finished run and its points, and the table holds every run. A moved grid keeps them."""

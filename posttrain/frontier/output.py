@@ -18,6 +18,8 @@ from posttrain.frontier.budget import describe
 from posttrain.machine import summary
 from posttrain.report.svg import COLOURS, DASHES, Line, chart
 
+MARKERS = ("o", "s", "^", "D")  # the PNG's marker per turn of the colour palette
+
 X_LABEL = "KL(policy || reference), nats per completion"
 PLOT_INSTALL = "pip install 'posttrain[plot]'"
 
@@ -150,16 +152,20 @@ def png(result: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return f"frontier.png not written: it needs matplotlib ({PLOT_INSTALL}); frontier.html has the plot"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for legend, colour, dash, points in _curves(result):
+    labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
+    for run, (legend, colour, dash, points) in zip(result["runs"], _curves(result), strict=True):
         style = "-" if not dash else (0, tuple(float(x) for x in dash.split()))
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", color=colour, linestyle=style, label=legend)
+        # A grid with more methods than colours repeats a colour: the marker tells the two apart.
+        marker = MARKERS[(labels.index(run["label"]) // len(COLOURS)) % len(MARKERS)]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker=marker, color=colour, linestyle=style,
+                label=legend)  # fmt: skip
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel("mean held-out reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    # Beside the axes, not on them: a legend inside covers the high-reward corner the plot is read for.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
     return None
