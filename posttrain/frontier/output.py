@@ -94,27 +94,31 @@ def _machine(row: dict[str, Any]) -> str:
     return summary(row["machine"]) if row.get("machine") else "unrecorded (cached before points named their machine)"
 
 
-def _curves(result: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[float, float]]]]:
-    """(legend, colour, dash, points) per run: the starting point first, then its points in step order."""
+def _curves(result: dict[str, Any]) -> list[tuple[str, str, str, int, list[tuple[float, float]]]]:
+    """(legend, colour, dash, turn, points) per run: ``turn`` counts how often the palette has wrapped before
+    the run's method (its colour repeats an earlier method's); the starting point first, then its points in
+    step order."""
     labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
     start = (result["start"]["kl"], result["start"]["reward"])
     out = []
     strengths: dict[str, int] = {}
     for run in result["runs"]:
-        colour = COLOURS[labels.index(run["label"]) % len(COLOURS)]
+        turn, colour_index = divmod(labels.index(run["label"]), len(COLOURS))
+        colour = COLOURS[colour_index]
         k = strengths[run["label"]] = strengths.get(run["label"], -1) + 1
         legend = f"{run['label']} {run['strength']}".strip()
-        out.append((legend, colour, DASHES[k % len(DASHES)], [start, *((p["kl"], p["reward"]) for p in run["points"])]))
+        path = [start, *((p["kl"], p["reward"]) for p in run["points"])]
+        out.append((legend, colour, DASHES[k % len(DASHES)], turn, path))
     return out
 
 
 def html(result: dict[str, Any]) -> str:
     """A self-contained page: the plot (inline SVG), the table and a few samples per point."""
-    lines = [Line(legend, colour, list(points), dash=dash) for legend, colour, dash, points in _curves(result)]
+    lines = [Line(legend, colour, list(points), dash=dash) for legend, colour, dash, _, points in _curves(result)]
     svg = chart("held-out reward against KL to the reference", lines, x_label=X_LABEL)
     legend = "".join(f'<li><svg width="28" height="10"><line x1="0" x2="28" y1="5" y2="5" stroke="{c}" '
                      f'stroke-width="2" stroke-dasharray="{d}"/></svg> {escape(name)}</li>'
-                     for name, c, d, _ in _curves(result))  # fmt: skip
+                     for name, c, d, _, _ in _curves(result))  # fmt: skip
     table = ["<table><tr><th>method</th><th>run</th><th>step</th><th>reward</th><th>KL</th><th>distinct-2</th>"
              "<th>samples</th></tr>"]  # fmt: skip
     for row in _rows(result):
@@ -152,11 +156,10 @@ def png(result: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return f"frontier.png not written: it needs matplotlib ({PLOT_INSTALL}); frontier.html has the plot"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
-    for run, (legend, colour, dash, points) in zip(result["runs"], _curves(result), strict=True):
+    for legend, colour, dash, turn, points in _curves(result):
         style = "-" if not dash else (0, tuple(float(x) for x in dash.split()))
         # A grid with more methods than colours repeats a colour: the marker tells the two apart.
-        marker = MARKERS[(labels.index(run["label"]) // len(COLOURS)) % len(MARKERS)]
+        marker = MARKERS[turn % len(MARKERS)]
         ax.plot([x for x, _ in points], [y for _, y in points], marker=marker, color=colour, linestyle=style,
                 label=legend)  # fmt: skip
     ax.set_xlabel(X_LABEL)
