@@ -272,6 +272,14 @@ def test_ints_are_accepted_for_floats() -> None:
             "pairs_per_prompt: must be between 1 and num_generations // 2 = 2, got 3",
         ),
         ({"rpo_alpha": -1}, "rpo_alpha: must be >= 0, got -1.0"),
+        (
+            {"method": "iterative_dpo", "data": {"train": "p.jsonl"}, "loss": "ipo", "rpo_alpha": 1},
+            "rpo_alpha: the NLL term belongs to the dpo loss (RPO): needs loss: dpo, got loss: ipo",
+        ),
+        (
+            {"method": "iterative_dpo", "data": {"train": "p.jsonl"}, "rpo_alpha": -0.5},
+            "rpo_alpha: must be >= 0, got -0.5",
+        ),
         ({"batch_size": 8, "micro_batch_size": 3}, "micro_batch_size: must divide batch_size=8, got 3"),
         ({"micro_batch_size": 0}, "micro_batch_size: must divide batch_size=8, got 0"),
         ({"batch_size": 0}, "batch_size: must be >= 1, got 0"),

@@ -155,6 +155,7 @@ HYPERPARAMETERS = {
         "steps_per_round": 1,
         "prompts_per_round": 12,
         "pairs_per_prompt": 3,
+        "rpo_alpha": 0.0,  # > 0 needs loss: dpo (tests/test_iterative.py round-trips 1.0 through a run)
     },
     "kto": {"beta": 0.2, "desirable_weight": 1.33, "undesirable_weight": 2.0},
 }

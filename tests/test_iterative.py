@@ -93,6 +93,15 @@ def test_pairs_per_prompt_pairs_the_k_best_against_the_k_worst(tiny_model_dir: P
     assert all(row["chosen"] == "yes" and row["score_chosen"] > row["score_rejected"] for row in rows)
 
 
+def test_rpo_alpha_gives_each_rounds_dpo_run_its_nll_term(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Iterative RPO (Pang et al. 2024): the key reaches the round's DPO run, which logs the NLL term."""
+    run_iterative(load(two_rounds(tiny_model_dir, tmp_path, "rpo", rounds=1, rpo_alpha=1.0)), generator_factory=factory)
+    assert load(tmp_path / "rpo" / "config.yaml").algorithm.rpo_alpha == 1.0
+    assert load(tmp_path / "rpo" / "round-1" / "train" / "config.yaml").algorithm.rpo_alpha == 1.0
+    train = read_metrics(tmp_path / "rpo" / "round-1" / "train" / "metrics.jsonl")
+    assert all(m["nll"] > 0 for m in train if m["split"] == "train")
+
+
 def test_round_prompts_are_fresh_each_round_and_reproducible() -> None:
     prompts = [PromptRecord((1,), f"q{i}", i) for i in range(10)]
     assert round_prompts(prompts, None, 0, 1) == prompts and round_prompts(prompts, 10, 0, 1) == prompts
@@ -172,6 +181,7 @@ def test_the_first_round_key_leaves_out_only_what_the_training_reads(tiny_model_
     same = {"beta": 0.5, "loss": "ipo", "learning_rate": 3e-4, "rounds": 4, "output_dir": str(tmp_path / "b"),
             "steps_per_round": 7, "save_steps": 2, "keep_resumable": 1}  # fmt: skip
     assert first_round.key(load({**cfg, **same}), "weights", "data") == name
+    assert first_round.key(load({**cfg, "rpo_alpha": 1.0}), "weights", "data") == name
     other = [{"seed": 1}, {"num_generations": 4}, {"generation": {"temperature": 0.7}}, {"tie_threshold": 0.1},
              {"rewards": [{"name": "regex_format", "pattern": "^no$"}]}, {"prompts_per_round": 3},
              {"precision": "bf16"}, {"generation": {"max_new_tokens": 5}},

@@ -230,7 +230,8 @@ class IterativeDPO(OnlineAlgorithm):
     worst; dropping pairs within ``tie_threshold``), saves
     the pairs as a data set and trains ``loss`` (any DPO-family method) on them; ``rounds`` rounds. The
     reference is the initial model (``reference_update: initial``) or the last round's (``last``). One
-    optimizer step per round (``steps_per_round: 1``) is the per-step online DPO of Guo et al. 2024."""
+    optimizer step per round (``steps_per_round: 1``) is the per-step online DPO of Guo et al. 2024; DPO with
+    ``rpo_alpha: 1`` (an NLL term on each round's chosen answers) is the iterative RPO of Pang et al. 2024."""
 
     name: ClassVar[str] = "iterative_dpo"
     default_learning_rate: ClassVar[float] = 5e-7
@@ -247,6 +248,8 @@ class IterativeDPO(OnlineAlgorithm):
     """Prompts sampled each round, drawn afresh per round from the training prompts; None = all of them."""
     pairs_per_prompt: int = 1
     """Pairs per prompt: the i-th best answer against the i-th worst, i = 1..k (k <= num_generations // 2)."""
+    rpo_alpha: float = 0.0
+    """``loss: dpo`` only: the weight of the NLL-on-chosen term each round's DPO run adds (``dpo``'s key)."""
 
     def __post_init__(self) -> None:
         check(self.num_generations >= 2, "num_generations", f"must be >= 2, got {self.num_generations}")
@@ -259,3 +262,6 @@ class IterativeDPO(OnlineAlgorithm):
         check(ppr is None or ppr >= 1, "prompts_per_round", f"must be >= 1 or null, got {ppr}")
         k, half = self.pairs_per_prompt, self.num_generations // 2
         check(1 <= k <= half, "pairs_per_prompt", f"must be between 1 and num_generations // 2 = {half}, got {k}")
+        check(self.rpo_alpha >= 0, "rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
+        check(self.rpo_alpha == 0 or self.loss == "dpo", "rpo_alpha",
+              f"the NLL term belongs to the dpo loss (RPO): needs loss: dpo, got loss: {self.loss}")  # fmt: skip

@@ -37,7 +37,7 @@ _FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("first_rou
 
 # What the training after round 1 reads, and where and how often it writes: none changes round 1's pairs.
 TRAINING_ONLY = frozenset(
-    {"output_dir", "beta", "loss", "reference_update", "rounds", "steps_per_round", "reference", "lora",
+    {"output_dir", "beta", "loss", "rpo_alpha", "reference_update", "rounds", "steps_per_round", "reference", "lora",
      "max_steps", "epochs", "batch_size", "micro_batch_size", "learning_rate", "lr_scheduler", "warmup_ratio",
      "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "skip_nonfinite_steps", "logps_chunk_size",
      "gradient_checkpointing", "layout", "compile", "span_attention", "eval_steps", "save_steps",

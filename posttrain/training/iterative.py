@@ -47,9 +47,11 @@ def round_config(config: TrainConfig, pairs_file: Path, model: str, out: Path) -
     assert isinstance(alg, IterativeDPO)
     cfg = config.to_dict()
     for key in ("rewards", "generation", "num_generations", "rounds", "tie_threshold", "pairs_per_prompt", "loss",
-                "reference_update", "steps_per_round", "prompts_per_round", "beta"):  # fmt: skip
+                "reference_update", "steps_per_round", "prompts_per_round", "beta", "rpo_alpha"):  # fmt: skip
         cfg.pop(key, None)
     cfg.update(method=alg.loss, model=model, output_dir=str(out), max_steps=alg.steps_per_round)
+    if alg.loss == "dpo":
+        cfg["rpo_alpha"] = alg.rpo_alpha
     cfg["data"] = {**cfg["data"], "train": str(pairs_file), "eval": None, "eval_size": 0}
     if alg.loss not in ("simpo", "orpo"):
         cfg["beta"] = alg.beta
