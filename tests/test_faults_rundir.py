@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from faults import assert_same_run, child, listing, one_error_line, read_only, state_of, wait_for, write_config
+from safetensors import SafetensorError
 from support import first_bundled_pairs, run_config
 
 import posttrain
@@ -332,6 +333,42 @@ def test_a_final_model_that_cannot_be_written_is_retried_then_one_line(
     assert state_of(out)["state"] == "failed" and state_of(out)["error"].startswith("WriteError: ")
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "run_state.json"]
     assert rundir.restartable(out)  # and so a rerun starts it again
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"),
+     SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")],
+    ids=["oserror", "safetensors"],
+)  # fmt: skip
+def test_a_full_disk_is_a_failed_write_whoever_reports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, error: Exception
+) -> None:
+    """safetensors reports a full disk as its own error, not an OSError (what it said when a grid run filled
+    this machine's disk): the weights' write is tried again and ends in the same one line, nothing left."""
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0))
+    tries: list[Path] = []
+
+    def write(tmp: Path) -> None:
+        tries.append(tmp)
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise error
+
+    with pytest.raises(checkpoint.WriteError, match=r"model: not written after 3 tries \(.*No space left on device"):
+        checkpoint.write_atomically(tmp_path / "model", write)
+    assert len(tries) == 3 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.count("trying again in 0 s") == 2
+
+
+def test_a_safetensors_error_that_is_not_a_failed_write_is_not_retried(tmp_path: Path) -> None:
+    """Only I/O is tried again: another safetensors error (tensors sharing memory, a bad name) is raised as is."""
+
+    def write(tmp: Path) -> None:
+        raise SafetensorError("Error while serializing: some tensors share memory")
+
+    with pytest.raises(SafetensorError, match="share memory"):
+        checkpoint.write_atomically(tmp_path / "model", write)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_input_leaves_no_folder_behind(tiny_model_dir: Path, tmp_path: Path, capsys: Any) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError
@@ -56,13 +57,23 @@ class WriteError(RuntimeError):
     """A model or checkpoint could not be written, even after the retries; the message is one line."""
 
 
+def failed_write(err: BaseException) -> bool:
+    """Whether ``err`` says a file could not be written (a full disk, a lost mount): an OSError, or the error
+    safetensors raises for one, which is not an OSError (``SafetensorError: Error while serializing: I/O
+    error: No space left on device (os error 28)``, the weights of every model and checkpoint)."""
+    return isinstance(err, OSError) or (isinstance(err, SafetensorError) and "I/O error" in str(err))
+
+
 def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one); an OSError is
-    tried again after each of :data:`RETRY_DELAYS_S`, then raised as a one-line :class:`WriteError`."""
+    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one); a failed write
+    (:func:`failed_write`) is tried again after each of :data:`RETRY_DELAYS_S`, then raised as a one-line
+    :class:`WriteError`."""
     for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
         try:
             return _write_once(target, write)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:
+            if not failed_write(err):
+                raise
             if delay is None:
                 raise WriteError(
                     f"{target}: not written after {attempt} tries ({err}); what it would have held is lost unless an "

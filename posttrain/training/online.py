@@ -383,7 +383,8 @@ def _train_online(
         final = lora.for_saving(plain, config.lora.save) if config.lora else plain
         checkpoint.save_model(final, tokenizer, model_dir)
         if isinstance(plain_critic, (SeparateCritic, SharedCritic)):
-            plain_critic.save(output_dir / "critic", tokenizer)
+            final_critic = plain_critic  # (the closure's own name: plain_critic is deleted below)
+            checkpoint.write_atomically(output_dir / "critic", lambda tmp: final_critic.save(tmp, tokenizer))
     if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
         save(total, (plain, plain_critic))
     del plain, plain_critic

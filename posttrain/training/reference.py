@@ -251,7 +251,11 @@ def cached_tensors(
     cache_dir.mkdir(parents=True, exist_ok=True)
     # A name of this process's own: processes on several nodes may write to one shared disk with equal pids.
     tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")
-    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": CACHE_FORMAT})
-    os.replace(tmp, path)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": CACHE_FORMAT})
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written file left behind (the run stops with the error)
+        tmp.unlink(missing_ok=True)
+        raise
     log(f"reference log-probs: computed and cached at {path}")
     return tensors
