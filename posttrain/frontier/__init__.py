@@ -77,7 +77,9 @@ def run_frontier(
     every = _check(grid, resume, {r.name for r in grid.runs} - names)  # the whole grid: its finished runs
     stages = [s for s in every if s.name in names]
     settings = grid.settings
-    meter = PointMeter(stages[0].config, settings, grid.eval_data)
+    # Every point of the grid is sampled alike, whichever runs --only trains now: with the grid's first run's
+    # settings (a run's own generation.batch_size, say, would change the draws and miss every cached point).
+    meter = PointMeter(every[0].config, settings, grid.eval_data)
     cache = grid.output_dir / "frontier" / "points"
     measured: dict[str, list[dict[str, Any]]] = {}
     result: dict[str, Any] = {"output_dir": str(grid.output_dir), "data": grid.eval_data, "samples": settings.samples,
