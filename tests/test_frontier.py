@@ -244,20 +244,27 @@ def test_the_png_tells_methods_apart_when_colours_repeat(tmp_path: Path, monkeyp
     assert drawn[-1] == (drawn[0][0], "s") and drawn[0][1] == "o" and len(set(drawn)) == len(runs)
 
 
-def test_points_are_sampled_alike_whichever_run_is_trained_now(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A run's own sampling settings (here ``generation.batch_size``, which changes the draws) are its training's:
-    ``--only`` of that run measures with the grid's first run's settings, so the cached points stay valid."""
+def small_grid(model: Path, tmp_path: Path, **keys: Any) -> dict[str, Any]:
+    """A frontier config on the tiny model: 6 training prompts, 3 held-out ones, a regex reward; ``keys`` add
+    the grid and the rest."""
     train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(6)))
     heldout.write_text("".join(json.dumps({"prompt": f"Held-out {i}: say a word."}) + "\n" for i in range(3)))
-    config: dict[str, Any] = {
-        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "grid"), "seed": 0,
+    return {
+        "model": str(model), "output_dir": str(tmp_path / "grid"), "seed": 0,
         "data": {"train": str(train), "eval": str(heldout), "max_length": 64, "chat_template": False},
         "rewards": [{"name": "regex_format", "pattern": "e"}], "generation": {"max_new_tokens": 6},
-        "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_steps": 1, "batch_size": 2, "num_generations": 2,
-        "grid": [{"label": "a", "method": "grpo"}, {"label": "b", "method": "grpo", "generation": {"batch_size": 1}}],
-        "frontier": {"points": 1, "shown": 1},
+        "learning_rate": 1e-3, "warmup_ratio": 0.0, **keys,
     }  # fmt: skip
+
+
+def test_points_are_sampled_alike_whichever_run_is_trained_now(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run's own sampling settings (here ``generation.batch_size``, which changes the draws) are its training's:
+    ``--only`` of that run measures with the grid's first run's settings, so the cached points stay valid."""
+    config = small_grid(
+        tiny_model_dir, tmp_path, max_steps=1, batch_size=2, num_generations=2, frontier={"points": 1, "shown": 1},
+        grid=[{"label": "a", "method": "grpo"}, {"label": "b", "method": "grpo", "generation": {"batch_size": 1}}],
+    )  # fmt: skip
     run_frontier(config, only=["b"], log=lambda _: None)
     start = json.loads((tmp_path / "grid" / "frontier" / "points" / "start.json").read_text())
     assert start["key"]["settings"]["generation"]["batch_size"] == 16  # the shared default, not b's 1
@@ -269,21 +276,14 @@ def test_points_are_sampled_alike_whichever_run_is_trained_now(tiny_model_dir: P
 def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``--only`` trains one curve; the next sitting trains the rest (a fresh iterative run under --resume
     starts), reuses the finished run and its points, and the table holds every run. A moved grid keeps them."""
-    train, heldout = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"Question {i}: say the word."}) + "\n" for i in range(6)))
-    heldout.write_text("".join(json.dumps({"prompt": f"Held-out {i}: say a word."}) + "\n" for i in range(3)))
-    config: dict[str, Any] = {
-        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "grid"), "seed": 0,
-        "data": {"train": str(train), "eval": str(heldout), "max_length": 64, "chat_template": False},
-        "rewards": [{"name": "regex_format", "pattern": "e"}], "generation": {"max_new_tokens": 6},
-        "learning_rate": 1e-3, "warmup_ratio": 0.0,
-        "grid": [
+    config = small_grid(
+        tiny_model_dir, tmp_path, frontier={"points": 2, "shown": 1},
+        grid=[
             {"method": "grpo", "max_steps": 2, "batch_size": 2, "num_generations": 2},
             {"label": "dpo-offline", "method": "iterative_dpo", "rounds": 1, "steps_per_round": 2, "batch_size": 1,
              "num_generations": 6, "prompts_per_round": 6},
         ],
-        "frontier": {"points": 2, "shown": 1},
-    }  # fmt: skip
+    )  # fmt: skip
     # An unfinished run of another curve (failed in its first round, say) does not stop --only of this one.
     unfinished = tmp_path / "grid" / "dpo-offline"
     (unfinished / "round-1").mkdir(parents=True)
