@@ -21,7 +21,7 @@ from posttrain.data.collate import PairBatch, collate_pairs
 from posttrain.data.examples import PreferenceRecord
 from posttrain.fixtures import build_model
 from posttrain.model.logps import PairLogps, completion_logps
-from posttrain.training import reference
+from posttrain.training import checkpoint, reference
 from posttrain.training.reference import (
     CACHE_FORMAT,
     CachedReference,
@@ -183,12 +183,12 @@ def test_failed_compute_or_write_leaves_no_cache(tmp_path: Path, monkeypatch: py
         cached_tensors(tmp_path, "k", crash, log=lambda _: None)
     assert not (tmp_path / "k.safetensors").exists()
 
-    def partial_write(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
+    def killed_mid_write(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
         Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(reference, "save_file", partial_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(reference, "save_file", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
         cached_tensors(tmp_path, "k", Compute(), log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
@@ -196,6 +196,39 @@ def test_failed_compute_or_write_leaves_no_cache(tmp_path: Path, monkeypatch: py
     compute = Compute()
     cached_tensors(tmp_path, "k", compute, log=lambda _: None)
     assert compute.calls == 1 and (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("failures", [2, 3])
+def test_a_full_disk_under_the_cache_is_retried_then_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failures: int
+) -> None:
+    """A failed cache write is tried again like a checkpoint's (a third try succeeds: the file is there);
+    when every try fails, the computed tensors are returned with a one-line warning naming the file, and no
+    half-written file is left: the cache only spares the next run the reference pass."""
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0))
+    tries = []
+    real_save = reference.save_file
+
+    def full_disk(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
+        tries.append(filename)
+        if len(tries) <= failures:
+            Path(filename).write_bytes(b"half a file")
+            raise OSError(28, "No space left on device")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(reference, "save_file", full_disk)
+    compute = Compute()
+    got = cached_tensors(tmp_path, "k", compute, log=lambda _: None)
+    assert compute.calls == 1 and torch.equal(got["chosen"], compute.chosen) and len(tries) == 3
+    err = capsys.readouterr().err
+    if failures == 2:
+        assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+        assert "not cached" not in err
+    else:
+        assert list(tmp_path.iterdir()) == []
+        warning = [line for line in err.splitlines() if "not cached" in line]
+        assert len(warning) == 1 and str(tmp_path / "k.safetensors") in warning[0]
+        assert "No space left on device" in warning[0]
 
 
 # ------------------------------------------------------------------------------------------------------

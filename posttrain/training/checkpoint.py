@@ -34,13 +34,15 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from posttrain.errors import ConfigError
+
+T = TypeVar("T")
 
 STATE_FILE = "trainer_state.json"
 """The trainer state's plain values and the checkpoint's file list; written last, it marks a checkpoint complete."""
@@ -65,18 +67,24 @@ def failed_write(err: BaseException) -> bool:
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one); a failed write
-    (:func:`failed_write`) is tried again after each of :data:`RETRY_DELAYS_S`, then raised as a one-line
-    :class:`WriteError`."""
-    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target`` (replacing an older one), with
+    :func:`retried`'s tries."""
+    return retried(target, lambda: _write_once(target, write))
+
+
+def retried(target: Path, attempt: Callable[[], T]) -> T:
+    """``attempt()``, which writes ``target``; a failed write (:func:`failed_write`) is tried again after
+    each of :data:`RETRY_DELAYS_S`, then raised as a one-line :class:`WriteError`. ``attempt`` must leave
+    nothing half written when it fails (a temporary name, removed)."""
+    for tries, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
         try:
-            return _write_once(target, write)
+            return attempt()
         except (OSError, SafetensorError) as err:
             if not failed_write(err):
                 raise
             if delay is None:
                 raise WriteError(
-                    f"{target}: not written after {attempt} tries ({err}); what it would have held is lost unless an "
+                    f"{target}: not written after {tries} tries ({err}); what it would have held is lost unless an "
                     "earlier checkpoint holds it (save_steps): free space or fix the folder, then rerun or --resume"
                 ) from err
             print(f"posttrain: warning: writing {target} failed ({err}); trying again in {delay:g} s", file=sys.stderr)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -36,6 +37,7 @@ from posttrain.data.examples import PreferenceRecord, UnpairedRecord
 from posttrain.data.unpaired import UnpairedBatch, collate_unpaired
 from posttrain.model.load import evaluation_mode
 from posttrain.model.logps import PairLogps
+from posttrain.training import checkpoint
 
 CACHE_FORMAT = "posttrain-reference-logps-v1"
 
@@ -241,21 +243,35 @@ def cached_tensors(
 ) -> dict[str, Tensor]:
     """Load the named tensors cached for ``key``, or compute and store them (written to a temporary name,
     then renamed, so a killed run never leaves a half-written file under the final name). ``reuse=False``
-    computes even when the file exists (processes that must compute together, see OfflineTask)."""
+    computes even when the file exists (processes that must compute together, see OfflineTask). A write that
+    fails is retried like a checkpoint's; if it still fails (a full disk), the run goes on with the tensors it
+    holds and says so: the cache only saves the next run the reference pass."""
     path = cache_path(cache_dir, key)
     if reuse and path.exists():
         tensors = load_file(str(path))
         log(f"reference log-probs: reused cache {path}")
         return tensors
     tensors = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        checkpoint.retried(path, lambda: _store(tensors, path))
+    except checkpoint.WriteError as err:
+        print(
+            f"posttrain: warning: {path}: reference log-probs not cached ({err.__cause__}); the run goes on "
+            "with them in memory",
+            file=sys.stderr,
+        )
+        return tensors
+    log(f"reference log-probs: computed and cached at {path}")
+    return tensors
+
+
+def _store(tensors: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     # A name of this process's own: processes on several nodes may write to one shared disk with equal pids.
     tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": CACHE_FORMAT})
         os.replace(tmp, path)
-    except BaseException:  # a full disk: no half-written file left behind (the run stops with the error)
+    except BaseException:  # a full disk: no half-written file left behind
         tmp.unlink(missing_ok=True)
         raise
-    log(f"reference log-probs: computed and cached at {path}")
-    return tensors
