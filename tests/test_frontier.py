@@ -208,7 +208,8 @@ def test_points_measured_on_several_machines_say_so() -> None:
     here = {"device": "cpu", "cpu": "CPU A", "cpus": 2, "threads": 2, "torch": "2.9"}
     there = {**here, "cpu": "CPU B"}
     figures = {"reward": 0.5, "reward_se": 0.1, "kl": 1.0, "kl_se": 0.1, "distinct_2": 0.9, "completion_length": 30}
-    result = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0, "start": {**figures, "kl": 0.0},
+    result: dict[str, Any] = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0,
+              "start": {**figures, "kl": 0.0},
               "runs": [{"run": "grpo-beta-0.1", "label": "grpo", "strength": "beta=0.1",
                         "points": [{"step": 5, **figures, "machine": here},
                                    {"step": 10, **figures, "machine": there}]}]}  # fmt: skip
@@ -350,7 +351,8 @@ def test_the_table_compares_runs_at_equal_kl() -> None:
     figures = {"distinct_2": 0.9, "completion_length": 30, "kl_se": 0.1}
     points = [{**figures, **_point(10, 8.0, 0.7)}, {**figures, **_point(20, 12.0, 0.9, 0.04)}]
     short = [{**figures, **_point(10, 4.0, 0.5)}]
-    result = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0, "kl_budgets": [5.0, 10.0],
+    result: dict[str, Any] = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0,
+              "kl_budgets": [5.0, 10.0],
               "start": {**figures, **START, "kl_se": 0.0},
               "runs": [{"run": "grpo-beta-0.1", "label": "grpo", "strength": "beta=0.1", "points": points},
                        {"run": "ppo", "label": "ppo", "strength": "", "points": short}]}  # fmt: skip
