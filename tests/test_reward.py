@@ -217,6 +217,7 @@ def test_add_distinct_pad_cases(tiny_tokenizer: Any) -> None:
     assert add_distinct_pad(tokenizer) is False  # idempotent
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the name transformers deprecates is not the one called
 def test_gradient_checkpointing_is_honoured(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
     task = make_task(reward_config(tiny_model_dir, pairs_file, tmp_path / "unused", gradient_checkpointing=True))
     model = task.load_model(str(tiny_model_dir))

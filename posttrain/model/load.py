@@ -207,8 +207,19 @@ def ready(model: Any, trainable: bool, gradient_checkpointing: bool) -> Any:
         return freeze(model)
     model.train()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     return model
+
+
+def checkpoint_activations(model: Any) -> None:
+    """Recompute each layer's activations in backward (non-reentrant). Newer transformers call it
+    ``activation_checkpointing_enable`` (the old ``gradient_checkpointing_enable`` warns, to go in v6); older
+    ones (>= 4.56, the floor) know only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def freeze(model: nn.Module) -> nn.Module:
