@@ -258,6 +258,8 @@ def _preference(rows: list[dict[str, Any]], cols: list[str], full: list[dict[str
         methods.append(Method("dpo", "beta 0.5: conservative, stays near the reference", {"beta": 0.5}))
     else:
         methods.append(Method("dpo", "clean pairs: the reference-anchored baseline, beta 0.1", {"beta": 0.1}))
+    if rows and all(_number(r.get("margin")) is not None for r in rows):
+        methods.append(Method("distill", "every pair has a margin: beta * h is regressed onto it, no infinite margins"))
     if not lb.biased:
         methods.append(Method("simpo", "no reference model: saves its memory and forward pass"))
     methods.append(Method("orpo", "no reference and no SFT stage: SFT on chosen plus an odds-ratio term"))

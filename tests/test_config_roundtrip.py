@@ -84,6 +84,7 @@ HYPERPARAMETERS = {
     "hinge": {"beta": 0.7},
     "simpo": {"beta": 2.5, "gamma": 0.5},
     "orpo": {"orpo_lambda": 0.2},
+    "distill": {"beta": 0.05},
     "reward": {"center_coef": 0.01},
     "sft": {"completion_only": False, "packing": True},
     "grpo": {

@@ -274,3 +274,14 @@ def test_chosen_equal_to_rejected_once_tokenized(tmp_path: Path, tiny_tokenizer:
     same = PreferenceExample(prompt="q", chosen="caf\u00e9", rejected="cafe\u0301", row=7)  # NFC: the same text
     with pytest.raises(DataError, match=r"^d\.jsonl: row 7: field 'rejected': the same tokens as 'chosen'"):
         tokenize_preferences([same], renderer, 64, 32, "d.jsonl")
+
+
+def test_distill_without_a_margin_names_the_row(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``distill`` regresses onto each pair's margin: a row without one is refused before anything is written."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{**p, "margin": 0.5} for p in PAIRS] + [PAIRS[0]])
+    config = config_file(tmp_path, model=tiny_model_dir, method="distill", data={"train": str(data)})
+    message = fails(capsys, "train", str(config))
+    assert message.startswith(f"{data}: row 5: field 'margin': missing; distill regresses onto"), message
+    assert_nothing_written(tmp_path)

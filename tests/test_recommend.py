@@ -209,6 +209,16 @@ def test_scores_from_csv_strings_and_other_column_names(tmp_path: Path, capsys: 
     assert "score ties" in out and "1 (50.0%)" in out
 
 
+def test_a_margin_on_every_row_lists_distill(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [pair(f"p{i}", "good", "poor", margin=m) for i, m in enumerate([0.5, 1.0, 0.25])]
+    listed = [line.split()[1] for line in run_cli(capsys, "recommend", str(write_jsonl(tmp_path / "m.jsonl", rows)))[1]
+              .splitlines() if line[:4].strip().rstrip(".").isdigit()]  # fmt: skip
+    assert listed[:2] == ["dpo", "distill"], listed
+    rows[1].pop("margin")
+    out = run_cli(capsys, "recommend", str(write_jsonl(tmp_path / "some.jsonl", rows)))[1]
+    assert " distill " not in out
+
+
 def test_kto_weights_put_the_ratio_in_range() -> None:
     """1 desirable to 3 undesirable: lambda_D = 3 gives ratio 1. 4 to 1: lambda_U = 4 / (4/3) = 3 gives 4/3.
     In range already (1.11): 1:1. Every split up to 60 rows lands in [1, 4/3]."""

@@ -22,6 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import posttrain
 from posttrain.config import load
+from posttrain.data.collate import collate_pairs
 from posttrain.data.examples import PreferenceExample, PreferenceRecord
 from posttrain.data.formats import DataError, load_preference, preference_example
 from posttrain.data.tokenize import Renderer, tokenize_preferences
@@ -30,7 +31,7 @@ from posttrain.model.load import REWARD_PAD_TOKEN, add_distinct_pad, load_tokeni
 from posttrain.rewards import RewardModelScorer
 from posttrain.training.metrics import MetricSums, read_metrics
 from posttrain.training.offline import split_eval
-from posttrain.training.reward import RewardTask, collate_reward_pairs
+from posttrain.training.reward import RewardTask
 
 BUNDLED = Path(posttrain.__file__).parent / "bundled" / "prefs_train.jsonl"
 OBJECTS = ["a book", "the answer", "a question", "the number", "an apple", "the story", "a letter", "the dog"]
@@ -147,15 +148,15 @@ def test_margin_is_carried_through_tokenization_and_the_eval_split(tiny_tokenize
     assert sorted((r.margin for r in train + evals), key=str) == sorted((r.margin for r in records), key=str)
 
 
-def test_collate_reward_pairs_doctest_runs() -> None:
-    module = importlib.import_module("posttrain.training.reward")
+def test_collate_pairs_doctest_runs() -> None:
+    module = importlib.import_module("posttrain.data.collate")
     result = doctest.testmod(module)
     assert result.attempted > 0
     assert result.failed == 0
 
 
 def test_collate_without_any_margin_gives_none() -> None:
-    batch = collate_reward_pairs([PreferenceRecord((1,), (2,), (3,), index=0)], pad_id=0)
+    batch = collate_pairs([PreferenceRecord((1,), (2,), (3,), index=0)], pad_id=0)
     assert batch.margin is None
     assert batch.num_pairs == 1 and batch.input_ids.shape == (2, 2)
 

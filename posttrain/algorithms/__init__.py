@@ -13,11 +13,21 @@ import dataclasses
 from posttrain.algorithms.base import Algorithm
 from posttrain.algorithms.kto import KTO
 from posttrain.algorithms.online import DAPO, GRPO, PPO, RLOO, DrGRPO, IterativeDPO, OnlineAlgorithm
-from posttrain.algorithms.preference import CDPO, DPO, IPO, ORPO, Hinge, PreferenceAlgorithm, RobustDPO, SimPO
+from posttrain.algorithms.preference import (
+    CDPO,
+    DPO,
+    IPO,
+    ORPO,
+    Distill,
+    Hinge,
+    PreferenceAlgorithm,
+    RobustDPO,
+    SimPO,
+)
 from posttrain.algorithms.reward import RewardModel
 from posttrain.algorithms.sft import SFT
 
-_OFFLINE = (DPO, IPO, CDPO, RobustDPO, Hinge, SimPO, ORPO, SFT, RewardModel, KTO)
+_OFFLINE = (DPO, IPO, CDPO, RobustDPO, Hinge, SimPO, ORPO, Distill, SFT, RewardModel, KTO)
 _ONLINE = (GRPO, DrGRPO, DAPO, RLOO, PPO, IterativeDPO)
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (*_OFFLINE, *_ONLINE)}
 

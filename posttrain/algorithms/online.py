@@ -231,7 +231,9 @@ class IterativeDPO(OnlineAlgorithm):
     the pairs as a data set and trains ``loss`` (any DPO-family method) on them; ``rounds`` rounds. The
     reference is the initial model (``reference_update: initial``) or the last round's (``last``). One
     optimizer step per round (``steps_per_round: 1``) is the per-step online DPO of Guo et al. 2024; DPO with
-    ``rpo_alpha: 1`` (an NLL term on each round's chosen answers) is the iterative RPO of Pang et al. 2024."""
+    ``rpo_alpha: 1`` (an NLL term on each round's chosen answers) is the iterative RPO of Pang et al. 2024;
+    ``loss: distill`` regresses each pair's implicit reward margin onto its reward margin (the pairs' ``margin``
+    column: the chosen's score minus the rejected's), with ``reference_update: last`` REBEL (Gao et al. 2024)."""
 
     name: ClassVar[str] = "iterative_dpo"
     default_learning_rate: ClassVar[float] = 5e-7
@@ -240,7 +242,7 @@ class IterativeDPO(OnlineAlgorithm):
     beta: float = 0.1
     rounds: int = 2
     tie_threshold: float = 0.0
-    loss: Literal["dpo", "ipo", "cdpo", "robust_dpo", "hinge", "simpo", "orpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "cdpo", "robust_dpo", "hinge", "simpo", "orpo", "distill"] = "dpo"
     reference_update: Literal["initial", "last"] = "initial"
     steps_per_round: int | None = None
     """Optimizer steps per round; None = one pass (``epochs``) over the round's pairs."""

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torch import Tensor
+
 from posttrain import losses
 from posttrain.algorithms.base import Algorithm
 from posttrain.errors import check
@@ -35,9 +37,12 @@ class PreferenceAlgorithm(Algorithm):
 
     data_kind: ClassVar[str] = "preference"
     needs_reference: ClassVar[bool] = True
+    needs_margin: ClassVar[bool] = False
+    """Whether the loss reads each pair's ``margin`` (every row must then have one)."""
     loss_fn: ClassVar[Callable[..., LossOutput]]
 
-    def loss(self, policy: PairLogps, ref: PairLogps | None) -> LossOutput:
+    def loss(self, policy: PairLogps, ref: PairLogps | None, margin: Tensor | None = None) -> LossOutput:
+        """``margin``: the pairs' ``margin`` column, (B,), passed to a loss that takes one (see ``needs_margin``)."""
         fn = type(self).loss_fn
         kwargs: dict[str, Any] = {
             "policy_chosen_logps": policy.chosen_logps,
@@ -51,6 +56,10 @@ class PreferenceAlgorithm(Algorithm):
         for name in ("chosen_lengths", "rejected_lengths"):
             if name in accepted:
                 kwargs[name] = getattr(policy, name)
+        if self.needs_margin:
+            if margin is None:
+                raise ValueError(f"{self.name} needs each pair's reward margin (the data's margin column)")
+            kwargs["margin"] = margin.to(policy.chosen_logps.device)
         kwargs.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         return fn(**kwargs)
 
@@ -73,6 +82,17 @@ class IPO(PreferenceAlgorithm):
     loss_fn = staticmethod(losses.ipo)
     beta: float = 0.1
     length_normalize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta)
+
+
+@dataclass(frozen=True)
+class Distill(PreferenceAlgorithm):
+    name: ClassVar[str] = "distill"
+    needs_margin: ClassVar[bool] = True
+    loss_fn = staticmethod(losses.distill)
+    beta: float = 0.1
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)

@@ -117,7 +117,8 @@ class PairBatch:
     completions and ``B..2B-1`` the rejected ones.
 
     ``input_ids``, ``attention_mask``, ``loss_mask``: (rows, T); ``index``: (B,) data set positions;
-    ``position_ids``, ``sequence``, ``spans``: set by the packed layouts only.
+    ``position_ids``, ``sequence``, ``spans``: set by the packed layouts only; ``margin``: (B,) float, the
+    rows' ``margin`` column (a pair without one gets 0), or None when no pair of the batch has one.
     """
 
     input_ids: Tensor
@@ -127,6 +128,7 @@ class PairBatch:
     position_ids: Tensor | None = None
     sequence: Tensor | None = None
     spans: Spans | None = None
+    margin: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -159,17 +161,23 @@ def collate_pairs(records: Sequence[PreferenceRecord], pad_id: int, layout: str 
     >>> b.loss_mask
     tensor([[False, False,  True, False],
             [False, False,  True,  True]])
-    >>> b.index
-    tensor([3])
+    >>> b.index, b.margin
+    (tensor([3]), None)
+    >>> collate_pairs([r, PreferenceRecord((5,), (7,), (8,), index=4, margin=1.5)], pad_id=0).margin
+    tensor([0.0000, 1.5000])
     """
     index = torch.tensor([r.index for r in records], dtype=torch.long)
+    margin = None
+    if any(r.margin is not None for r in records):
+        margin = torch.tensor([0.0 if r.margin is None else r.margin for r in records], dtype=torch.float32)
     if layout != "padded":
         units = [(r.prompt_ids, (r.chosen_ids, r.rejected_ids)) for r in records]
         p = pack_units(units, share_prefix=layout == "shared_prefix")
-        return PairBatch(p.input_ids, p.attention_mask, p.loss_mask, index, p.position_ids, p.sequence, p.spans)
+        return PairBatch(p.input_ids, p.attention_mask, p.loss_mask, index, p.position_ids, p.sequence, p.spans,
+                         margin)  # fmt: skip
     rows = [(r.prompt_ids, r.chosen_ids) for r in records] + [(r.prompt_ids, r.rejected_ids) for r in records]
     input_ids, attention_mask, loss_mask = pad_completions(rows, pad_id)
-    return PairBatch(input_ids, attention_mask, loss_mask, index)
+    return PairBatch(input_ids, attention_mask, loss_mask, index, margin=margin)
 
 
 def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[bool]]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,6 +15,8 @@ Pairwise preference losses (``(B,)`` summed completion log-probs in, ``(B,)`` lo
     hinge        hinge loss on the DPO margin (RSO ``hinge-norm``), Liu et al. 2023
     simpo        SimPO, reference-free, per-token means and a target margin, Meng et al. 2024
     orpo         ORPO, reference-free, SFT plus an odds-ratio term, Hong et al. 2024
+    distill      reward distillation: the implicit reward margin regressed onto each pair's reward margin,
+                 Fisch et al. 2024 (REBEL, Gao et al. 2024, with the previous iterate as reference)
 
 Reward model (``(B,)`` scalar scores in, ``(B,)`` loss out):
     bradley_terry  Bradley-Terry pairwise loss (InstructGPT Eq. 1), optional margin (Llama 2 Eq. 2) and
@@ -39,7 +41,7 @@ See docs/algorithms.md for the formulas, equations cited and paper-faithful conf
 from posttrain.losses.aggregate import LossOutput, aggregate
 from posttrain.losses.kto import kto
 from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_clip, rloo_loss, value_loss
-from posttrain.losses.preference import cdpo, dpo, hinge, ipo, orpo, robust_dpo, simpo
+from posttrain.losses.preference import cdpo, distill, dpo, hinge, ipo, orpo, robust_dpo, simpo
 from posttrain.losses.reward_model import bradley_terry
 from posttrain.losses.sft import sft
 
@@ -49,6 +51,7 @@ __all__ = [
     "aggregate_policy_loss",
     "bradley_terry",
     "cdpo",
+    "distill",
     "dpo",
     "hinge",
     "ipo",

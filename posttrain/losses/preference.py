@@ -29,7 +29,7 @@ from torch import Tensor
 
 from posttrain.losses.aggregate import LossOutput
 
-__all__ = ["cdpo", "dpo", "hinge", "ipo", "orpo", "robust_dpo", "simpo"]
+__all__ = ["cdpo", "distill", "dpo", "hinge", "ipo", "orpo", "robust_dpo", "simpo"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +171,37 @@ def ipo(
         pr, rr = _per_token(pr, rejected_n), _per_token(rr, rejected_n)
     loss = (_log_ratio_margin(pc, pr, rc, rr) - 1.0 / (2.0 * beta)) ** 2
     return LossOutput(loss=loss, metrics=_implicit_reward_metrics(beta, pc, pr, rc, rr))
+
+
+def distill(
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    margin: Tensor,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Reward distillation: ``loss = (beta * h - m)^2``, ``m`` the pair's reward margin, shapes ``(B,)``.
+
+    Fisch et al. 2024, "Robust Preference Optimization through Reward Model Distillation" (arXiv:2405.19316,
+    TMLR 2025), the distillation objective of their Sec. 3 with a single target reward: the implicit reward
+    margin ``beta * h`` is regressed onto the explicit one, ``m = r(x, chosen) - r(x, rejected)``. Where DPO
+    pushes ``h`` to infinity on a deterministic label and IPO to the same ``1 / (2 beta)`` for every pair,
+    each pair here has its own target, ``m / beta``, and the minimiser over all pairs is the policy of
+    KL-regularised reward maximisation, ``pi_ref * exp(r / beta)`` (DPO paper, Eq. 4): the point on the
+    reward-vs-KL frontier that ``beta`` names, whichever pairs are drawn. With the reference moved to the
+    previous iterate each round (iterative_dpo's ``reference_update: last``) it is REBEL's regression of
+    relative rewards (Gao et al. 2024, arXiv:2404.16767, Algorithm 1, with ``eta = 1 / beta``).
+
+    ``margin``: ``(B,)`` reward margins, chosen minus rejected (any sign). Summed log-probs, as in the papers.
+
+    Metrics: ``beta * (policy - ref)`` per side, and ``target_margin`` (``m``).
+    """
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    m = margin.to(pc.dtype)
+    loss = (beta * _log_ratio_margin(pc, pr, rc, rr) - m) ** 2
+    return LossOutput(loss=loss, metrics=_implicit_reward_metrics(beta, pc, pr, rc, rr, target_margin=m))
 
 
 def cdpo(

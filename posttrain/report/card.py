@@ -31,6 +31,7 @@ PAPERS = {
     "hinge": ("the hinge loss of RSO", "Liu et al. 2023, arXiv:2309.06657"),
     "simpo": ("Simple Preference Optimization (SimPO)", "Meng et al. 2024, arXiv:2405.14734"),
     "orpo": ("Odds Ratio Preference Optimization (ORPO)", "Hong et al. 2024, arXiv:2403.07691"),
+    "distill": ("reward distillation onto each pair's reward margin", "Fisch et al. 2024, arXiv:2405.19316"),
     "kto": ("Kahneman-Tversky Optimization (KTO)", "Ethayarajh et al. 2024, arXiv:2402.01306"),
     "grpo": ("Group Relative Policy Optimization (GRPO)", "Shao et al. 2024, arXiv:2402.03300"),
     "dr_grpo": ("Dr. GRPO", "Liu et al. 2025, arXiv:2503.20783"),

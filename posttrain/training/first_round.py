@@ -44,6 +44,7 @@ TRAINING_ONLY = frozenset(
      "keep_resumable", "logging_steps", "log_completions", "report_to"}
 )  # fmt: skip
 FILES = ("pairs.jsonl", "round.json")  # round.json last: a round with it has all its pairs
+PAIRS_FORMAT = 2  # part of the key: 2, the rows carry ``margin`` (a round kept by older code is not reused)
 
 
 @contextlib.contextmanager
@@ -59,10 +60,10 @@ def shared_first_rounds(folder: Path) -> Iterator[None]:
 def key(config: TrainConfig, weights: str, data: str) -> str:
     """The digest that names a first round: ``config`` without :data:`TRAINING_ONLY`, ``weights`` (the
     starting model's digest), ``data`` (the prompts' digest: a file edited under the same name is other
-    data) and the number of processes."""
+    data), the number of processes and :data:`PAIRS_FORMAT`."""
     kept = {k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY}
-    text = json.dumps({"config": kept, "weights": weights, "data": data, "processes": distributed.world_size()},
-                      sort_keys=True, default=str)  # fmt: skip
+    text = json.dumps({"config": kept, "weights": weights, "data": data, "processes": distributed.world_size(),
+                       "format": PAIRS_FORMAT}, sort_keys=True, default=str)  # fmt: skip
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 

@@ -4,6 +4,10 @@ No loop of its own: each round's training is the offline loop (:func:`posttrain.
 the pairs the round saved, so every offline lever (reference cache, LoRA, checkpoints) applies, and each
 round's ``pairs.jsonl`` can be trained on again with ``posttrain train`` alone.
 
+Each round's ``pairs.jsonl`` holds ``prompt``, ``chosen``, ``rejected``, their scores (``score_chosen``,
+``score_rejected``) and ``margin``, the chosen's score minus the rejected's: the target of ``loss: distill``
+(a reward model trained on the file reads it as Llama 2's margin).
+
 Layout of ``output_dir``: ``config.yaml``, ``round-1/pairs.jsonl``, ``round-1/round.json`` (the round's figures,
 written with its pairs), ``round-1/train/`` (an offline run), ..., ``model/`` (the last round's model),
 ``summary.json``.
@@ -163,7 +167,8 @@ def _rounds(
                     for pair in pairs:
                         row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": texts[pair.chosen],
                                "rejected": texts[pair.rejected], "score_chosen": scores[pair.chosen],
-                               "score_rejected": scores[pair.rejected]}  # fmt: skip
+                               "score_rejected": scores[pair.rejected],
+                               "margin": scores[pair.chosen] - scores[pair.rejected]}  # fmt: skip
                         f.write(json.dumps(row) + "\n")
                 tmp = round_dir / ".round.json.tmp"
                 tmp.write_text(json.dumps(info, indent=1))

@@ -1,4 +1,4 @@
-"""The preference-pair task: the DPO family (dpo, ipo, cdpo, robust_dpo, hinge, simpo, orpo)."""
+"""The preference-pair task: the DPO family (dpo, ipo, cdpo, robust_dpo, hinge, simpo, orpo, distill)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from posttrain.algorithms import PreferenceAlgorithm
 from posttrain.data.collate import PairBatch, collate_pairs
 from posttrain.data.examples import PreferenceRecord
-from posttrain.data.formats import load_preference
+from posttrain.data.formats import DataError, load_preference
 from posttrain.data.tokenize import TruncationStats, tokenize_preferences
 from posttrain.losses import aggregate
 from posttrain.model.logps import PairLogps
@@ -33,6 +33,11 @@ def load_pair_records(
     reward models train on the same records)."""
     data = task.config.data
     examples = load_preference(source, split)
+    if getattr(task.algorithm, "needs_margin", False):
+        for ex in examples:
+            if ex.margin is None:
+                why = "regresses onto each pair's reward margin (chosen's score minus rejected's)"
+                raise DataError(f"{source}: row {ex.row}: field 'margin': missing; {task.algorithm.name} {why}")
     return tokenize_preferences(examples, task.renderer, data.max_length, data.prompt_limit, source)
 
 
@@ -99,7 +104,7 @@ class PairTask(OfflineTask[PreferenceRecord, PairBatch]):
         # Before the first step the policy has the reference's weights: its log-probs are the reference's.
         policy_is_ref = at_start and ref is not None and self.config.reference.model is None
         policy = ref if policy_is_ref and ref is not None else self.score(model, batch)
-        out = self.algorithm.loss(policy, ref)
+        out = self.algorithm.loss(policy, ref, batch.margin)
         sums.add("loss", out.loss)
         for name, value in out.metrics.items():
             sums.add(name, value)

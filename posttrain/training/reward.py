@@ -8,7 +8,6 @@ number per row instead of summed log-probs) and the loss. There is no reference.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -26,41 +25,12 @@ from posttrain.training.pairs import load_pair_records, pair_counts
 from posttrain.training.task import Counts, OfflineTask
 
 
-@dataclass(frozen=True)
-class RewardBatch(PairBatch):
-    """A :class:`PairBatch` plus the pairs' margins: ``margin`` (B,) float, or None when no pair has one.
-
-    A pair without a margin in a batch where others have one gets 0 (the plain Bradley-Terry loss).
-
-    >>> r = PreferenceRecord(prompt_ids=(5, 6), chosen_ids=(7,), rejected_ids=(8, 9), index=3, margin=1.5)
-    >>> b = collate_reward_pairs([r, PreferenceRecord((5,), (7,), (8,), index=4)], pad_id=0)
-    >>> b.input_ids
-    tensor([[5, 6, 7, 0],
-            [5, 7, 0, 0],
-            [5, 6, 8, 9],
-            [5, 8, 0, 0]])
-    >>> b.margin
-    tensor([1.5000, 0.0000])
-    """
-
-    margin: Tensor | None = None
-
-
-def collate_reward_pairs(records: Sequence[PreferenceRecord], pad_id: int) -> RewardBatch:
-    """:func:`collate_pairs` (chosen rows first, then rejected, right-padded) plus the margins."""
-    pairs = collate_pairs(records, pad_id)
-    margin = None
-    if any(r.margin is not None for r in records):
-        margin = torch.tensor([0.0 if r.margin is None else r.margin for r in records], dtype=torch.float32)
-    return RewardBatch(**{f.name: getattr(pairs, f.name) for f in fields(pairs)}, margin=margin)
-
-
 def pad_free_probe(renderer: Renderer) -> set[int]:
     """Every id of a rendered prompt + completion: a pad token among them could end a real row."""
     return set(renderer.prompt_ids("x") + renderer.completion_ids("x", "y"))
 
 
-class RewardTask(OfflineTask[PreferenceRecord, RewardBatch]):
+class RewardTask(OfflineTask[PreferenceRecord, PairBatch]):
     """(prompt, chosen, rejected) pairs scored by a reward model in one concatenated forward per micro-batch."""
 
     unit = "examples"
@@ -78,8 +48,8 @@ class RewardTask(OfflineTask[PreferenceRecord, RewardBatch]):
     def load_records(self, source: str, split: str) -> tuple[list[PreferenceRecord], TruncationStats]:
         return load_pair_records(self, source, split)
 
-    def collate(self, records: Sequence[PreferenceRecord]) -> RewardBatch:
-        return collate_reward_pairs(records, self.tokenizer.pad_token_id)
+    def collate(self, records: Sequence[PreferenceRecord]) -> PairBatch:
+        return collate_pairs(records, self.tokenizer.pad_token_id)  # with the rows' margins
 
     def counts(self, records: Sequence[PreferenceRecord]) -> Counts:
         return pair_counts(records)
@@ -111,7 +81,7 @@ class RewardTask(OfflineTask[PreferenceRecord, RewardBatch]):
     def loss(
         self,
         model: nn.Module,
-        batch: RewardBatch,
+        batch: PairBatch,
         split: str,
         counts: Counts,
         sums: MetricSums,
