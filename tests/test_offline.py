@@ -50,6 +50,11 @@ def test_each_method_trains(method: str, tiny_model_dir: Path, pairs_file: Path,
         extra["beta"] = 0.5  # IPO's target margin 1/(2 beta) and the hinge's 1/beta within a few steps' reach
     if method == "orpo":
         extra["orpo_lambda"] = 1.0  # at the paper's 0.1 the NLL term dominates a 12-step run
+    if method == "distill":  # its data need a reward margin per pair: 1, a target h of 1 / beta = 2 nats
+        rows = [{**json.loads(line), "margin": 1.0} for line in pairs_file.read_text().splitlines()]
+        pairs_file = tmp_path / "margins.jsonl"
+        pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        extra["beta"] = 0.5
     result = posttrain.train(tiny_config(tiny_model_dir, pairs_file, tmp_path / method, **extra))
     losses = train_losses(result.metrics_path)
     before, after = result.summary["heldout_before"], result.summary["heldout_after"]
