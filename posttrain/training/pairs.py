@@ -33,7 +33,7 @@ def load_pair_records(
     reward models train on the same records)."""
     data = task.config.data
     examples = load_preference(source, split)
-    if getattr(task.algorithm, "needs_margin", False):
+    if isinstance(task.algorithm, PreferenceAlgorithm) and task.algorithm.needs_margin:
         for ex in examples:
             if ex.margin is None:
                 why = "regresses onto each pair's reward margin (chosen's score minus rejected's)"
