@@ -168,7 +168,7 @@ def _rounds(
                         row = {"prompt": prompts[pair.prompt_index].prompt, "chosen": texts[pair.chosen],
                                "rejected": texts[pair.rejected], "score_chosen": scores[pair.chosen],
                                "score_rejected": scores[pair.rejected],
-                               "margin": scores[pair.chosen] - scores[pair.rejected]}  # fmt: skip
+                               "margin": pair.margin}  # fmt: skip
                         f.write(json.dumps(row) + "\n")
                 tmp = round_dir / ".round.json.tmp"
                 tmp.write_text(json.dumps(info, indent=1))
