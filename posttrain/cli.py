@@ -102,6 +102,7 @@ def _validate(file: str, method: str, split: str) -> int:
         raise ConfigError(f"--method: unknown method {method!r}; one of {', '.join(ALGORITHMS)}")
     kind = ALGORITHMS[method].data_kind
     examples = load_examples(kind, file, split)
+    ALGORITHMS[method].check_examples(examples, file)
     if kind == "prompts":
         print(f"{file}: {len(examples)} rows OK for {method} (prompts)")
         return 0

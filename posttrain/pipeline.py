@@ -311,20 +311,20 @@ def _check_outputs(stages: list[Stage], resume: bool, idle: Collection[str] = ()
 
 def _check_data(stages: list[Stage]) -> None:
     """Read and validate every row that a stage still to run will train or evaluate on (no tokenizer)."""
-    seen: set[tuple[str, str, str]] = set()
+    read: dict[tuple[str, str, str], Sequence[Any]] = {}
     for stage in stages:
         if stage.done:
             continue
-        kind = stage.config.algorithm.data_kind
+        algorithm = stage.config.algorithm
         data = stage.config.data
         for source in filter(None, (data.train, data.eval)):
-            if (kind, source, data.split) in seen:
-                continue
+            key = (algorithm.data_kind, source, data.split)
             try:
-                load_examples(kind, source, data.split)
+                if key not in read:
+                    read[key] = load_examples(*key)
+                algorithm.check_examples(read[key], source)
             except DataError as err:
                 raise DataError(f"{stage.label}: {err}") from err
-            seen.add((kind, source, data.split))
 
 
 def validate(

@@ -285,3 +285,22 @@ def test_distill_without_a_margin_names_the_row(
     message = fails(capsys, "train", str(config))
     assert message.startswith(f"{data}: row 5: field 'margin': missing; distill regresses onto"), message
     assert_nothing_written(tmp_path)
+
+
+def test_distill_margins_are_checked_by_data_validate_and_before_a_pipeline_starts(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same refusal from ``data validate --method distill`` (where dpo passes the file), and from a pipeline
+    whose later distill stage reads the file an earlier dpo stage trains on: before the first stage runs."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{**p, "margin": 0.5} for p in PAIRS] + [PAIRS[0]])
+    assert main(["data", "validate", str(data), "--method", "dpo"]) == 0
+    capsys.readouterr()
+    message = fails(capsys, "data", "validate", str(data), "--method", "distill")
+    assert message.startswith(f"{data}: row 5: field 'margin': missing; distill regresses onto"), message
+    stages = [{"name": "dpo", "method": "dpo", "max_steps": 1}, {"name": "distill", "method": "distill", "max_steps": 1}]
+    config = config_file(tmp_path, model=tiny_model_dir, data={"train": str(data)}, stages=stages)
+    message = fails(capsys, "train", str(config))
+    assert "distill" in message.split(":")[0], message  # the stage's label comes first
+    assert message.endswith(f"{data}: row 5: field 'margin': missing; distill regresses onto each pair's reward "
+                            "margin (chosen's score minus rejected's)"), message  # fmt: skip
+    assert_nothing_written(tmp_path)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,13 @@ class Algorithm:
     needs_reference: ClassVar[bool]
     """Whether the loss uses reference log-probs (a frozen model or the on-disk cache)."""
     default_learning_rate: ClassVar[float] = 5e-7
+
+    @classmethod
+    def check_examples(cls, examples: Sequence[Any], source: str) -> None:
+        """Refuse rows that parse as ``data_kind`` but lack what this method reads (DataError naming the row).
+
+        Called wherever rows are read for the method, so ``posttrain data validate --method``, a pipeline's
+        check before its first stage, and the run itself refuse the same row with the same line."""
 
     def uses_reference(self, kind: str) -> bool:
         """Whether a run with ``reference.kind: kind`` scores a reference (the config's ``uses_reference``)."""

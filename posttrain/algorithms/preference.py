@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +40,17 @@ class PreferenceAlgorithm(Algorithm):
     needs_margin: ClassVar[bool] = False
     """Whether the loss reads each pair's ``margin`` (every row must then have one)."""
     loss_fn: ClassVar[Callable[..., LossOutput]]
+
+    @classmethod
+    def check_examples(cls, examples: Sequence[Any], source: str) -> None:
+        if not cls.needs_margin:
+            return
+        from posttrain.data.formats import DataError
+
+        for ex in examples:
+            if ex.margin is None:
+                why = "regresses onto each pair's reward margin (chosen's score minus rejected's)"
+                raise DataError(f"{source}: row {ex.row}: field 'margin': missing; {cls.name} {why}")
 
     def loss(self, policy: PairLogps, ref: PairLogps | None, margin: Tensor | None = None) -> LossOutput:
         """``margin``: the pairs' ``margin`` column, (B,), passed to a loss that takes one (see ``needs_margin``)."""

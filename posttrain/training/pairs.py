@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from posttrain.algorithms import PreferenceAlgorithm
 from posttrain.data.collate import PairBatch, collate_pairs
 from posttrain.data.examples import PreferenceRecord
-from posttrain.data.formats import DataError, load_preference
+from posttrain.data.formats import load_preference
 from posttrain.data.tokenize import TruncationStats, tokenize_preferences
 from posttrain.losses import aggregate
 from posttrain.model.logps import PairLogps
@@ -33,11 +33,7 @@ def load_pair_records(
     reward models train on the same records)."""
     data = task.config.data
     examples = load_preference(source, split)
-    if isinstance(task.algorithm, PreferenceAlgorithm) and task.algorithm.needs_margin:
-        for ex in examples:
-            if ex.margin is None:
-                why = "regresses onto each pair's reward margin (chosen's score minus rejected's)"
-                raise DataError(f"{source}: row {ex.row}: field 'margin': missing; {task.algorithm.name} {why}")
+    task.algorithm.check_examples(examples, source)
     return tokenize_preferences(examples, task.renderer, data.max_length, data.prompt_limit, source)
 
 
