@@ -297,7 +297,8 @@ def test_distill_margins_are_checked_by_data_validate_and_before_a_pipeline_star
     capsys.readouterr()
     message = fails(capsys, "data", "validate", str(data), "--method", "distill")
     assert message.startswith(f"{data}: row 5: field 'margin': missing; distill regresses onto"), message
-    stages = [{"name": "dpo", "method": "dpo", "max_steps": 1}, {"name": "distill", "method": "distill", "max_steps": 1}]
+    stages = [{"name": "dpo", "method": "dpo", "max_steps": 1},
+              {"name": "distill", "method": "distill", "max_steps": 1}]  # fmt: skip
     config = config_file(tmp_path, model=tiny_model_dir, data={"train": str(data)}, stages=stages)
     message = fails(capsys, "train", str(config))
     assert "distill" in message.split(":")[0], message  # the stage's label comes first

@@ -175,7 +175,9 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     page = (folder / "frontier.html").read_text()
     assert "<svg" in page and "KL(policy || reference)" in page and "online-dpo beta=0.02" in page
     table = (folder / "frontier.md").read_text()
-    assert table.count("\n| ") == (1 + 10) + (1 + 1 + 30)  # at equal KL: header, 10 runs; points: header, start, 10 x 3
+    # Per method (header, 5 methods), at equal KL (header, 10 runs); points (header, start, 10 x 3).
+    assert table.count("\n| ") == (1 + 5) + (1 + 10) + (1 + 1 + 30)
+    assert "| offline dpo | 2 |" in table and "| online dpo | 2 |" in table
     assert "| method | run | KL <= 5 | KL <= 10 |" in table  # the example's kl_budgets
     assert all(len(run["kl_budgets"]) == 2 for run in result["runs"])
     assert "Measured on: cpu (" in table and " threads, torch " in table
@@ -243,6 +245,49 @@ def test_the_png_tells_methods_apart_when_colours_repeat(tmp_path: Path, monkeyp
     assert png({"start": {"reward": 0.1, "kl": 0.0}, "runs": runs}, tmp_path / "f.png") is None
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert drawn[-1] == (drawn[0][0], "s") and drawn[0][1] == "o" and len(set(drawn)) == len(runs)
+
+
+def test_a_sweep_reads_as_one_bold_curve_per_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three GRPO runs and one PPO run: one colour per method; GRPO's best within the largest budget is drawn
+    bold with a legend entry, its other runs pale without one; the table names each method's best per budget."""
+    pytest.importorskip("matplotlib")
+    from html import escape
+
+    from matplotlib.axes import Axes
+
+    from posttrain.frontier.output import FAINT, html, markdown, png
+    from posttrain.report.svg import COLOURS
+
+    drawn, real = [], Axes.plot
+
+    def plot(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        drawn.append((kwargs["color"], kwargs.get("alpha"), kwargs["label"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    figures = {"reward_se": 0.01, "kl_se": 0.1, "distinct_2": 0.9, "completion_length": 30.0}
+
+    def run(name: str, method: str, at_5: float, at_10: float) -> dict[str, Any]:
+        label, strength = name.rsplit("-", 1)
+        budgets = [{"kl": b, "reward": r, "reward_se": 0.01, "steps": [10], "reached": True, "path_kl": 12.0}
+                   for b, r in ((5.0, at_5), (10.0, at_10))]  # fmt: skip
+        return {"run": name, "label": label, "method": method, "strength": f"beta={strength}", "kl_budgets": budgets,
+                "points": [{"step": 10, "reward": at_10, "kl": 9.0, **figures}]}  # fmt: skip
+
+    runs = [run("grpo-a-0.1", "grpo", 0.6, 0.7), run("ppo-0.1", "ppo", 0.4, 0.5),
+            run("grpo-b-0.1", "grpo", 0.5, 0.8), run("grpo-c-0.1", "grpo", 0.7, 0.75)]  # fmt: skip
+    result = {"output_dir": "runs/f", "data": "d.jsonl", "samples": 1, "seed": 0, "kl_budgets": [5.0, 10.0],
+              "start": {"reward": 0.1, "kl": 0.0, **figures}, "runs": runs}  # fmt: skip
+    assert png(result, tmp_path / "f.png") is None
+    bold = [(colour, label) for colour, alpha, label in drawn if alpha is None]
+    pale = [colour for colour, alpha, label in drawn if alpha == 0.3]
+    assert bold == [(COLOURS[1], "ppo beta=0.1"), (COLOURS[0], "grpo: grpo-b beta=0.1")]  # grpo came first
+    assert pale == [COLOURS[0], COLOURS[0]] and drawn[-1][2] == FAINT
+    table = markdown(result)
+    assert "| grpo | 3 | 0.700 ± 0.010 (step 10), grpo-c-0.1 | 0.800 ± 0.010 (step 10), grpo-b-0.1 |" in table
+    assert "| ppo | 1 |" in table
+    page = html(result)
+    assert page.count('stroke-opacity="0.3"') == 2 and escape(FAINT) in page
 
 
 def small_grid(model: Path, tmp_path: Path, **keys: Any) -> dict[str, Any]:

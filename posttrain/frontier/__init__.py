@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError
-from posttrain.frontier.grid import Grid, quick, read_grid, select
+from posttrain.frontier.grid import Grid, method_name, quick, read_grid, select
 
 __all__ = ["run_frontier"]
 
@@ -101,10 +101,12 @@ def run_frontier(
         return out
 
     png = [False]  # whether the last write drew frontier.png (matplotlib is an extra)
+    methods = {s.name: method_name(s.config.algorithm) for s in every}
 
     def write() -> None:
         result["runs"] = [
-            {"run": r.name, "label": r.label, "strength": r.strength, "points": measured[r.name],
+            {"run": r.name, "label": r.label, "method": methods[r.name], "strength": r.strength,
+             "points": measured[r.name],
              "kl_budgets": [best_within(result["start"], measured[r.name], b) for b in settings.kl_budgets]}
             for r in grid.runs if r.name in measured
         ]  # fmt: skip

@@ -55,3 +55,35 @@ def describe(figure: dict[str, Any]) -> str:
     where = "step" if len(figure["steps"]) == 1 else "steps"
     text = f"{figure['reward']:.3f} ± {figure['reward_se']:.3f} ({where} {'-'.join(map(str, figure['steps']))})"
     return text if figure["reached"] else f"{text}, ends at {figure['path_kl']:.2f}"
+
+
+def method_of(run: dict[str, Any]) -> str:
+    """A result run's method (``online dpo``, ``grpo``, ...); a result written before runs named one: its label."""
+    return str(run.get("method") or run["label"])
+
+
+def _score(run: dict[str, Any]) -> float:
+    """What ranks a method's runs: the reward within the largest KL budget, else the best measured reward."""
+    budgets = run.get("kl_budgets") or []
+    if budgets:
+        best = budgets[-1]["reward"]
+        return float("-inf") if best is None else float(best)
+    return max((p["reward"] for p in run["points"]), default=float("-inf"))
+
+
+def best_per_method(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each method's best run, in the order the methods first appear: the one with the highest reward within
+    the largest KL budget (without budgets, the highest reward measured); the earlier run on a tie.
+
+    >>> runs = [{"label": "a", "method": "grpo", "kl_budgets": [{"reward": 0.6}]},
+    ...         {"label": "b", "method": "ppo", "kl_budgets": [{"reward": 0.5}]},
+    ...         {"label": "c", "method": "grpo", "kl_budgets": [{"reward": 0.8}]}]
+    >>> {m: r["label"] for m, r in best_per_method(runs).items()}
+    {'grpo': 'c', 'ppo': 'b'}
+    """
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        method = method_of(run)
+        if method not in best or _score(run) > _score(best[method]):
+            best[method] = run
+    return best

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.algorithms import ALGORITHMS
+from posttrain.algorithms import ALGORITHMS, Algorithm, IterativeDPO
 from posttrain.config import ConfigError, apply_overrides
 from posttrain.data.formats import read_rows, resolve_source
 from posttrain.fields import nearest
@@ -87,6 +87,15 @@ class GridRun:
     name: str
     label: str
     strength: str
+
+
+def method_name(algorithm: Algorithm) -> str:
+    """The method a run belongs to on the plot and in the per-method table: the algorithm's name, and for
+    ``iterative_dpo`` its loss and whether it samples once (``offline dpo``: ``rounds: 1``, the DPO paper's
+    setting) or every round (``online dpo``, ``online distill``): different methods on a frontier."""
+    if isinstance(algorithm, IterativeDPO):
+        return f"{'offline' if algorithm.rounds == 1 else 'online'} {algorithm.loss}"
+    return algorithm.name
 
 
 @dataclass(frozen=True)

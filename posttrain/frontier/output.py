@@ -1,27 +1,32 @@
 """What a frontier writes: frontier.json, frontier.md, frontier.html (inline SVG) and frontier.png.
 
 Rows are points: the starting model (KL 0) and each measured model of each run. The plot has KL(policy ||
-reference) per completion on x and the mean held-out reward on y, one colour per method (a grid entry's
-label), one dash pattern per strength, every curve starting at the starting model's point, as Fig. 2 of
-the DPO paper (Rafailov et al. 2023) draws it. frontier.png needs matplotlib (``pip install
-'posttrain[plot]'``), imported here only, when the PNG is written; the HTML page needs nothing.
+reference) per completion on x and the mean held-out reward on y, every curve starting at the starting
+model's point, as Fig. 2 of the DPO paper (Rafailov et al. 2023) draws it: one colour per method (a run's
+``method``: ``grpo``, ``online dpo``, ``offline dpo``, ...; its label in a result written before runs named
+one), that method's best run at equal KL bold and in the legend, its other runs (other strengths, a sweep's
+variants) pale underneath, so a grid of forty runs still reads as one curve per method. frontier.png needs
+matplotlib (``pip install 'posttrain[plot]'``), imported here only, when the PNG is written; the HTML page
+needs nothing.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
 
-from posttrain.frontier.budget import describe
+from posttrain.frontier.budget import best_per_method, describe, method_of
 from posttrain.machine import summary
-from posttrain.report.svg import COLOURS, DASHES, Line, chart
+from posttrain.report.svg import COLOURS, Line, chart
 
 MARKERS = ("o", "s", "^", "D")  # the PNG's marker per turn of the colour palette
 
 X_LABEL = "KL(policy || reference), nats per completion"
 PLOT_INSTALL = "pip install 'posttrain[plot]'"
+FAINT = "pale: the method's other runs (frontier.md lists every run)"
 
 
 def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -86,6 +91,30 @@ def _budget_table(result: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| {run['label']} | {run['run']} |" + "".join(f" {c} |" for c in cells)
               for run, cells in _budget_cells(result)]  # fmt: skip
+    return [*_method_table(result, budgets), *lines, ""]
+
+
+def _method_table(result: dict[str, Any], budgets: list[float]) -> list[str]:
+    """Per method and budget, the best of its runs (named): the comparison a sweep of many runs per method is
+    read for; none when every method has one run (the table of runs says it all)."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in result["runs"]:
+        by_method.setdefault(method_of(run), []).append(run)
+    if all(len(runs) == 1 for runs in by_method.values()):
+        return []
+    lines = ["Each method's best run within a KL budget (the best of its runs, named; every run below):", "",
+             "| method | runs |" + "".join(f" KL <= {b:g} |" for b in budgets),
+             "|---|---:|" + "---:|" * len(budgets)]  # fmt: skip
+    for method, runs in by_method.items():
+        cells = []
+        for i in range(len(budgets)):
+            scored = [r for r in runs if len(r.get("kl_budgets", [])) > i and r["kl_budgets"][i]["reward"] is not None]
+            if not scored:
+                cells.append("-")
+                continue
+            best = max(scored, key=lambda r: r["kl_budgets"][i]["reward"])  # the earlier run on a tie
+            cells.append(f"{describe(best['kl_budgets'][i])}, {best['run']}")
+        lines.append(f"| {method} | {len(runs)} |" + "".join(f" {c} |" for c in cells))
     return [*lines, ""]
 
 
@@ -94,31 +123,48 @@ def _machine(row: dict[str, Any]) -> str:
     return summary(row["machine"]) if row.get("machine") else "unrecorded (cached before points named their machine)"
 
 
-def _curves(result: dict[str, Any]) -> list[tuple[str, str, str, int, list[tuple[float, float]]]]:
-    """(legend, colour, dash, turn, points) per run: ``turn`` counts how often the palette has wrapped before
-    the run's method (its colour repeats an earlier method's); the starting point first, then its points in
-    step order."""
-    labels = list(dict.fromkeys(r["label"] for r in result["runs"]))
+@dataclass(frozen=True)
+class Curve:
+    """One run on the plot: ``turn`` counts how often the palette has wrapped before its method (its colour
+    repeats an earlier method's; the PNG's marker tells them apart); ``faint`` for a method's runs other than
+    its best (:func:`posttrain.frontier.budget.best_per_method`), drawn thin and pale, without a legend entry."""
+
+    legend: str
+    colour: str
+    turn: int
+    points: list[tuple[float, float]]
+    faint: bool
+
+
+def _curves(result: dict[str, Any]) -> list[Curve]:
+    """One colour per method, the starting point first, then each run's points in step order: a grid of many
+    runs per method (a sweep) reads as one bold curve per method, its best, over its other runs' pale ones."""
+    best = best_per_method(result["runs"])
+    methods = list(best)
     start = (result["start"]["kl"], result["start"]["reward"])
     out = []
-    strengths: dict[str, int] = {}
     for run in result["runs"]:
-        turn, colour_index = divmod(labels.index(run["label"]), len(COLOURS))
-        colour = COLOURS[colour_index]
-        k = strengths[run["label"]] = strengths.get(run["label"], -1) + 1
-        legend = f"{run['label']} {run['strength']}".strip()
+        method = method_of(run)
+        turn, colour_index = divmod(methods.index(method), len(COLOURS))
+        name = f"{run['label']} {run['strength']}".strip()
+        legend = name if method == run["label"] else f"{method}: {name}"
         path = [start, *((p["kl"], p["reward"]) for p in run["points"])]
-        out.append((legend, colour, DASHES[k % len(DASHES)], turn, path))
+        out.append(Curve(legend, COLOURS[colour_index], turn, path, run is not best[method]))
     return out
 
 
 def html(result: dict[str, Any]) -> str:
     """A self-contained page: the plot (inline SVG), the table and a few samples per point."""
-    lines = [Line(legend, colour, list(points), dash=dash) for legend, colour, dash, _, points in _curves(result)]
+    curves = _curves(result)
+    lines = [
+        Line(c.legend, c.colour, list(c.points), faint=c.faint) for c in sorted(curves, key=lambda c: not c.faint)
+    ]  # the pale ones underneath
     svg = chart("held-out reward against KL to the reference", lines, x_label=X_LABEL)
-    legend = "".join(f'<li><svg width="28" height="10"><line x1="0" x2="28" y1="5" y2="5" stroke="{c}" '
-                     f'stroke-width="2" stroke-dasharray="{d}"/></svg> {escape(name)}</li>'
-                     for name, c, d, _, _ in _curves(result))  # fmt: skip
+    legend = "".join(f'<li><svg width="28" height="10"><line x1="0" x2="28" y1="5" y2="5" stroke="{c.colour}" '
+                     f'stroke-width="2"/></svg> {escape(c.legend)}</li>'
+                     for c in curves if not c.faint)  # fmt: skip
+    if any(c.faint for c in curves):
+        legend += f"<li>{escape(FAINT)}</li>"
     table = ["<table><tr><th>method</th><th>run</th><th>step</th><th>reward</th><th>KL</th><th>distinct-2</th>"
              "<th>samples</th></tr>"]  # fmt: skip
     for row in _rows(result):
@@ -156,12 +202,17 @@ def png(result: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return f"frontier.png not written: it needs matplotlib ({PLOT_INSTALL}); frontier.html has the plot"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for legend, colour, dash, turn, points in _curves(result):
-        style = "-" if not dash else (0, tuple(float(x) for x in dash.split()))
+    curves = sorted(_curves(result), key=lambda c: not c.faint)  # the pale ones underneath
+    for c in curves:
+        xs, ys = [x for x, _ in c.points], [y for _, y in c.points]
+        if c.faint:
+            ax.plot(xs, ys, color=c.colour, linewidth=0.8, alpha=0.3, marker="", label="_nolegend_")
+            continue
         # A grid with more methods than colours repeats a colour: the marker tells the two apart.
-        marker = MARKERS[turn % len(MARKERS)]
-        ax.plot([x for x, _ in points], [y for _, y in points], marker=marker, color=colour, linestyle=style,
-                label=legend)  # fmt: skip
+        marker = MARKERS[c.turn % len(MARKERS)]
+        ax.plot(xs, ys, marker=marker, color=c.colour, linewidth=1.8, label=c.legend)
+    if any(c.faint for c in curves):
+        ax.plot([], [], color="#777777", linewidth=0.8, alpha=0.5, label=FAINT)
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel("mean held-out reward")
     ax.grid(alpha=0.3)

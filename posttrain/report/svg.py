@@ -33,6 +33,8 @@ class Line:
     dash: str = ""
     markers: bool = False
     """A marker per point (evaluations): open circles, joined by a thin dotted line."""
+    faint: bool = False
+    """Drawn thin and pale, without markers (a frontier method's runs other than its best)."""
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -159,10 +161,11 @@ def chart(title: str, lines: list[Line], note: str = "", x_label: str = "step") 
             coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in segment)
             dash = "2 2" if line.markers else line.dash
             style = f' stroke-dasharray="{dash}"' if dash else ""
-            width = 1.2 if line.markers else 1.8
+            width = 1.2 if line.markers else 1.0 if line.faint else 1.8
+            style += ' stroke-opacity="0.3"' if line.faint else ""
             parts.append(f'<polyline fill="none" stroke="{line.colour}" stroke-width="{width}"{style} '
                          f'points="{coords}"><title>{escape(line.label)}</title></polyline>')  # fmt: skip
-            if line.markers or few:
+            if (line.markers or few) and not line.faint:
                 fill = "white" if line.markers else line.colour
                 radius = 3 if line.markers else 2
                 for x, y in segment:
