@@ -62,28 +62,31 @@ def method_of(run: dict[str, Any]) -> str:
     return str(run.get("method") or run["label"])
 
 
-def _score(run: dict[str, Any]) -> float:
-    """What ranks a method's runs: the reward within the largest KL budget, else the best measured reward."""
+def _score(run: dict[str, Any], budget: int) -> float:
+    """What ranks a method's runs: the reward within its ``budget``-th KL budget, else the best measured reward."""
     budgets = run.get("kl_budgets") or []
     if budgets:
-        best = budgets[-1]["reward"]
+        best = budgets[budget]["reward"]
         return float("-inf") if best is None else float(best)
     return max((p["reward"] for p in run["points"]), default=float("-inf"))
 
 
-def best_per_method(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def best_per_method(runs: list[dict[str, Any]], budget: int = -1) -> dict[str, dict[str, Any]]:
     """Each method's best run, in the order the methods first appear: the one with the highest reward within
-    the largest KL budget (without budgets, the highest reward measured); the earlier run on a tie.
+    the ``budget``-th KL budget (an index into each run's ``kl_budgets``; the largest by default; without
+    budgets, the highest reward measured); the earlier run on a tie.
 
-    >>> runs = [{"label": "a", "method": "grpo", "kl_budgets": [{"reward": 0.6}]},
-    ...         {"label": "b", "method": "ppo", "kl_budgets": [{"reward": 0.5}]},
-    ...         {"label": "c", "method": "grpo", "kl_budgets": [{"reward": 0.8}]}]
+    >>> runs = [{"label": "a", "method": "grpo", "kl_budgets": [{"reward": 0.6}, {"reward": 0.7}]},
+    ...         {"label": "b", "method": "ppo", "kl_budgets": [{"reward": 0.5}, {"reward": 0.6}]},
+    ...         {"label": "c", "method": "grpo", "kl_budgets": [{"reward": 0.5}, {"reward": 0.8}]}]
     >>> {m: r["label"] for m, r in best_per_method(runs).items()}
     {'grpo': 'c', 'ppo': 'b'}
+    >>> {m: r["label"] for m, r in best_per_method(runs, 0).items()}
+    {'grpo': 'a', 'ppo': 'b'}
     """
     best: dict[str, dict[str, Any]] = {}
     for run in runs:
         method = method_of(run)
-        if method not in best or _score(run) > _score(best[method]):
+        if method not in best or _score(run, budget) > _score(best[method], budget):
             best[method] = run
     return best

@@ -97,24 +97,22 @@ def _budget_table(result: dict[str, Any]) -> list[str]:
 def _method_table(result: dict[str, Any], budgets: list[float]) -> list[str]:
     """Per method and budget, the best of its runs (named): the comparison a sweep of many runs per method is
     read for; none when every method has one run (the table of runs says it all)."""
-    by_method: dict[str, list[dict[str, Any]]] = {}
+    counts: dict[str, int] = {}
     for run in result["runs"]:
-        by_method.setdefault(method_of(run), []).append(run)
-    if all(len(runs) == 1 for runs in by_method.values()):
+        counts[method_of(run)] = counts.get(method_of(run), 0) + 1
+    if all(n == 1 for n in counts.values()):
         return []
+    best = [best_per_method(result["runs"], i) for i in range(len(budgets))]
     lines = ["Each method's best run within a KL budget (the best of its runs, named; every run below):", "",
              "| method | runs |" + "".join(f" KL <= {b:g} |" for b in budgets),
              "|---|---:|" + "---:|" * len(budgets)]  # fmt: skip
-    for method, runs in by_method.items():
-        cells = []
-        for i in range(len(budgets)):
-            scored = [r for r in runs if len(r.get("kl_budgets", [])) > i and r["kl_budgets"][i]["reward"] is not None]
-            if not scored:
-                cells.append("-")
-                continue
-            best = max(scored, key=lambda r: r["kl_budgets"][i]["reward"])  # the earlier run on a tie
-            cells.append(f"{describe(best['kl_budgets'][i])}, {best['run']}")
-        lines.append(f"| {method} | {len(runs)} |" + "".join(f" {c} |" for c in cells))
+    for method, n in counts.items():
+        row = f"| {method} | {n} |"
+        for i, per_method in enumerate(best):
+            run = per_method[method]
+            figure = run["kl_budgets"][i]
+            row += f" {describe(figure)}, {run['run']} |" if figure["reward"] is not None else " - |"
+        lines.append(row)
     return [*lines, ""]
 
 
