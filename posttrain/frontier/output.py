@@ -13,6 +13,7 @@ needs nothing.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -97,9 +98,7 @@ def _budget_table(result: dict[str, Any]) -> list[str]:
 def _method_table(result: dict[str, Any], budgets: list[float]) -> list[str]:
     """Per method and budget, the best of its runs (named): the comparison a sweep of many runs per method is
     read for; none when every method has one run (the table of runs says it all)."""
-    counts: dict[str, int] = {}
-    for run in result["runs"]:
-        counts[method_of(run)] = counts.get(method_of(run), 0) + 1
+    counts = Counter(method_of(run) for run in result["runs"])  # in the order the methods first appear
     if all(n == 1 for n in counts.values()):
         return []
     best = [best_per_method(result["runs"], i) for i in range(len(budgets))]
