@@ -55,6 +55,21 @@ def test_grid_expands_to_unchained_runs_with_checkpoints_along_the_path() -> Non
     assert [s.get("keep_resumable", "unset") for s in shared] == ["unset", "unset", "unset", None]
     assert grid.eval_data == "bundled:sentiment_heldout.jsonl"
     assert [r.name for r in select(grid, ["online-dpo"]).runs] == ["online-dpo"]
+    assert [r.points for r in grid.runs] == [3, 3, 3, 3]
+
+
+def test_an_entry_may_measure_a_denser_path_than_the_frontier() -> None:
+    """``points`` on an entry: its runs' models measured (and saved) along the path, the others' unchanged."""
+    entries = [
+        {"method": "grpo", "max_steps": 10, "vary": {"beta": [0.01, 0.1]}, "points": 5},
+        {"label": "online-dpo", "method": "iterative_dpo", "rounds": 6, "steps_per_round": 20, "points": 12},
+        {"label": "online-dpo-ends", "method": "iterative_dpo", "rounds": 6, "steps_per_round": 20},
+    ]
+    grid = read_grid(grid_config(grid=entries))
+    assert [r.points for r in grid.runs] == [5, 5, 12, 3]
+    # every 10 // 5 = 2 steps; 12 points over 6 rounds: 2 per round of 20 steps, every 10; the rounds' ends.
+    assert [s.get("save_steps") for s in grid.pipeline["stages"]] == [2, 2, 10, None]
+    assert "points" not in grid.pipeline["stages"][0]  # the frontier's, not a training key
 
 
 @pytest.mark.parametrize(
@@ -62,6 +77,7 @@ def test_grid_expands_to_unchained_runs_with_checkpoints_along_the_path() -> Non
     [
         ({"frontier": {"point": 3}}, "frontier.point: unknown key (did you mean 'points'?)"),
         ({"frontier": {"points": 0}}, "frontier.points: must be an integer >= 1, got 0"),
+        ({"grid": [{"method": "grpo", "points": 0}]}, "grid[0].points: must be an integer >= 1, got 0"),
         ({"grid": []}, "grid: expected a non-empty list of runs"),
         ({"grid": [{"method": "grpo", "vary": {"beta": [0.1], "lr": [1]}}]}, "grid[0].vary: expected one key"),
         ({"grid": [{"method": "grpo", "model": "x"}]}, "grid[0].model: set by the frontier"),
@@ -358,6 +374,13 @@ def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert sum("(reused)" in line for line in lines) == 4, lines
     figures = lambda result: [{**p, "model": None} for r in result["runs"] for p in r["points"]]  # noqa: E731
     assert figures(third) == figures(second) and third["start"] == second["start"]  # (the paths are the new ones)
+
+    # An entry's own `points`: fewer models of the finished grpo run measured (its save_steps, recomputed, may
+    # change on a finished run), the cached one reused.
+    config["grid"][0]["points"] = 1
+    fourth = run_frontier({**config, "output_dir": str(tmp_path / "moved")}, log=lambda _: None)
+    assert [p["step"] for p in fourth["runs"][0]["points"]] == [2]
+    assert fourth["runs"][1]["points"] == third["runs"][1]["points"]
 
 
 def _point(step: int, kl: float, reward: float, se: float = 0.02) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def run_frontier(
 
     def points_of(stage: Any) -> list[dict[str, Any]]:
         run, out = grid.runs[[r.name for r in grid.runs].index(stage.name)], []
-        for point in spread(path_points(stage.output_dir), settings.points):
+        for point in spread(path_points(stage.output_dir), run.points):
             t0 = time.monotonic()
             figures = meter.measure(point.model, cache / run.name / f"step-{point.step:06d}.json")
             log(f"frontier: {run.name} step {point.step}: reward {figures['reward']:.3f}, KL {figures['kl']:.2f} "

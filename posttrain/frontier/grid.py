@@ -16,10 +16,12 @@ Each grid entry is one curve (``label``, default its method) and, with ``vary: {
 run per value (its strength); a run is named ``LABEL-KEY-VALUE`` and writes to ``output_dir/NAME`` as a
 pipeline stage does. Every run starts from the top-level ``model`` (none is chained to another), so the
 pipeline's rules apply unchanged: everything is checked before the first run, a finished run with the same
-config is reused, an unfinished one needs ``--resume``. A run that does not say how often to save gets
-``save_steps`` so that it leaves ``points`` checkpoints along its path, and one that does not say how many
-checkpoints stay resumable gets ``keep_resumable: 1``: the older checkpoints are points, kept as models
-without their optimizer state (a fifth of the disk for a full fine-tune with AdamW).
+config is reused, an unfinished one needs ``--resume``. An entry's ``points`` (default ``frontier.points``)
+is how many models along each of its runs' paths are measured: a denser path for one curve. A run that does
+not say how often to save gets ``save_steps`` so that it leaves that many checkpoints along its path, and
+one that does not say how many checkpoints stay resumable gets ``keep_resumable: 1``: the older checkpoints
+are points, kept as models without their optimizer state (a fifth of the disk for a full fine-tune with
+AdamW).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from posttrain.pipeline import NAME, read_raw
 FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data", "kl_budgets")
 RESERVED = ("frontier", "quick-model", "quick-data")
 """Folder names of ``output_dir`` that the frontier itself writes: not run labels."""
-GRID_KEYS = ("label", "vary")
+GRID_KEYS = ("label", "vary", "points")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class GridRun:
     name: str
     label: str
     strength: str
+    points: int = 3
+    """Models measured along its path: its entry's ``points``, else ``frontier.points``."""
 
 
 def method_name(algorithm: Algorithm) -> str:
@@ -153,6 +157,9 @@ def _expand(raw: dict[str, Any]) -> Grid:
                 "(offline DPO on pairs sampled once from the model: method iterative_dpo with rounds: 1)"
             )
         label, vary = entry.pop("label", entry["method"]), entry.pop("vary", None)
+        points = entry.pop("points", settings.points)
+        if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+            raise ConfigError(f"grid[{i}].points: must be an integer >= 1, got {points!r}")
         if not isinstance(label, str) or not NAME.fullmatch(label):
             raise ConfigError(f"grid[{i}].label: expected letters, digits, '.', '_' or '-', got {label!r}")
         if label in RESERVED:
@@ -176,7 +183,7 @@ def _expand(raw: dict[str, Any]) -> Grid:
             name = f"{label}-{strength.replace('=', '-')}" if strength else label
             stage = {**copy.deepcopy(entry), **change, "name": name, "model": raw["model"]}
             stages.append(stage)
-            runs.append(GridRun(name, label, strength))
+            runs.append(GridRun(name, label, strength, points))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"grid: two runs are named {next(n for n in names if names.count(n) > 1)!r}")
@@ -186,20 +193,20 @@ def _expand(raw: dict[str, Any]) -> Grid:
     if not isinstance(raw.get("output_dir"), str) or not raw["output_dir"]:
         raise ConfigError("output_dir: is required (run NAME writes to output_dir/NAME)")
     pipeline = {**raw, "stages": stages}
-    _add_save_steps(pipeline, settings.points)
+    _add_save_steps(pipeline, [r.points for r in runs])
     return Grid(pipeline, runs, settings, Path(raw["output_dir"]), str(eval_data))
 
 
-def _add_save_steps(pipeline: dict[str, Any], points: int) -> None:
-    """``save_steps`` for every run that sets none, so that it leaves ``points`` models along its path: the
+def _add_save_steps(pipeline: dict[str, Any], points: list[int]) -> None:
+    """``save_steps`` for every run that sets none, so that it leaves its ``points`` models along its path: the
     checkpoints of its steps (an iterative run's rounds count as points, its steps within a round too); and
     ``keep_resumable: 1`` for every run that saves checkpoints and sets none. A run left without checkpoints
     (an iterative run whose rounds are the points) gets no ``keep_resumable``, a shared one included: it
     would have nothing to keep."""
     shared = pipeline.get("save_steps")
-    for stage in pipeline["stages"]:
+    for stage, count in zip(pipeline["stages"], points, strict=True):
         if "save_steps" not in stage and shared is None:
-            every = _points_every(stage, pipeline, points)
+            every = _points_every(stage, pipeline, count)
             if every is not None:
                 stage["save_steps"] = every
         if stage.get("save_steps", shared) is None:
