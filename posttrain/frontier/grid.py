@@ -48,6 +48,11 @@ RESERVED = ("frontier", "quick-model", "quick-data")
 GRID_KEYS = ("label", "vary", "points")
 
 
+def _check_count(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}: must be an integer >= {low}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class FrontierSettings:
     """How each point of the frontier is measured (the ``frontier:`` section)."""
@@ -67,9 +72,7 @@ class FrontierSettings:
 
     def __post_init__(self) -> None:
         for key, low in (("points", 1), ("samples", 1), ("shown", 0)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"frontier.{key}: must be an integer >= {low}, got {value!r}")
+            _check_count(f"frontier.{key}", getattr(self, key), low)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"frontier.seed: must be an integer, got {self.seed!r}")
         if self.data is not None and (not isinstance(self.data, str) or not self.data):
@@ -89,7 +92,7 @@ class GridRun:
     name: str
     label: str
     strength: str
-    points: int = 3
+    points: int
     """Models measured along its path: its entry's ``points``, else ``frontier.points``."""
 
 
@@ -158,8 +161,7 @@ def _expand(raw: dict[str, Any]) -> Grid:
             )
         label, vary = entry.pop("label", entry["method"]), entry.pop("vary", None)
         points = entry.pop("points", settings.points)
-        if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-            raise ConfigError(f"grid[{i}].points: must be an integer >= 1, got {points!r}")
+        _check_count(f"grid[{i}].points", points, 1)
         if not isinstance(label, str) or not NAME.fullmatch(label):
             raise ConfigError(f"grid[{i}].label: expected letters, digits, '.', '_' or '-', got {label!r}")
         if label in RESERVED:
