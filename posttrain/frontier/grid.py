@@ -45,7 +45,6 @@ from posttrain.pipeline import NAME, read_raw
 FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data", "kl_budgets")
 RESERVED = ("frontier", "quick-model", "quick-data")
 """Folder names of ``output_dir`` that the frontier itself writes: not run labels."""
-GRID_KEYS = ("label", "vary", "points")
 
 
 def _check_count(key: str, value: Any, low: int) -> None:
