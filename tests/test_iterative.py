@@ -75,6 +75,10 @@ def test_rounds_save_pairs_and_train(tiny_model_dir: Path, tmp_path: Path) -> No
     round2 = load(tmp_path / "it" / "round-2" / "train" / "config.yaml")
     assert round2.model.endswith("round-1/train/model") and round2.reference.model == str(tiny_model_dir)
     assert (result.model_dir / "config.json").exists()
+    # The run's model is the last round's, its weights stored once (a hard link) and its card its own file.
+    last = tmp_path / "it" / "round-2" / "train" / "model"
+    assert (tmp_path / "it" / "model" / "model.safetensors").samefile(last / "model.safetensors")
+    assert (tmp_path / "it" / "model" / "README.md").stat().st_nlink == 1
     # Held-out answers are scored before each round and after the last (greedy with the HF generator).
     assert result.summary["heldout_before"] == rounds[0]["heldout_at_start"]
     assert (

@@ -204,6 +204,10 @@ def test_resume_equals_uninterrupted(
         a_sd = auto.from_pretrained(tmp_path / "straight" / part).state_dict()
         b_sd = auto.from_pretrained(tmp_path / "resumed" / part).state_dict()
         assert all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd), part
+    # The end state's checkpoint shares the final model's weights (one file, tests/test_shared_weights.py).
+    final, ckpts = tmp_path / "resumed" / "model", tmp_path / "resumed" / "checkpoints"
+    assert (final / "model.safetensors").samefile(ckpts / "step-000004" / "model.safetensors")
+    assert not (final / "model.safetensors").samefile(ckpts / "step-000002" / "model.safetensors")
 
 
 def test_rloo_reports_the_kl_it_folds_into_the_reward(tiny_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:

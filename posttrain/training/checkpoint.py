@@ -7,6 +7,9 @@ Layout of ``output_dir``::
                                 trainer_state.safetensors (its tensors) + trainer_state.json (the rest)
     metrics.jsonl  config.yaml  summary.json  run_state.json  posttrain.lock   (posttrain.training.rundir)
 
+The final model and the checkpoint of the last step hold the same weights: they are one file under two names
+(a hard link, :func:`share_weights`), as is an iterative run's ``model/`` and its last round's.
+
 The layout does not depend on the number of processes: the first process writes full (unsharded) models
 and optimizer state, so a run saved by N processes resumes on M (docs/distributed.md).
 
@@ -22,6 +25,7 @@ checkpoint of an older posttrain (``trainer_state.pt``) still loads, with ``torc
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import pickle
@@ -107,6 +111,48 @@ def _write_once(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+WEIGHTS_SUFFIX = ".safetensors"
+"""The files that :func:`share_weights` links: a model's weights, the bulk of every model folder."""
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """``target`` as a second name of ``source``'s file when it holds a model's weights (a hard link: no bytes
+    written, none stored twice), a copy otherwise or where the folder cannot link (another disk, a file system
+    without links). Safe because posttrain never writes a file in place: it writes a new folder and renames it
+    (:func:`write_atomically`), so replacing one name leaves the other's bytes as they were."""
+    if str(source).endswith(WEIGHTS_SUFFIX):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
+
+
+def share_weights(folder: Path, same: Path | None) -> int:
+    """Each weight file of ``folder`` (one being written) whose bytes equal the file of that name in ``same`` (a
+    folder written from the same model: the final model beside the checkpoint of the last step), made a hard
+    link to it; returns the bytes no longer stored twice. Compared byte for byte, so a file that differs (a
+    LoRA model saved merged beside its adapter checkpoint) stays as written; where linking fails both stay."""
+    if same is None:
+        return 0
+    saved = 0
+    for file in sorted(folder.glob(f"*{WEIGHTS_SUFFIX}")):
+        other = same / file.name
+        if not other.is_file() or other.stat().st_size != file.stat().st_size:
+            continue
+        if not filecmp.cmp(file, other, shallow=False):
+            continue
+        linked = file.with_name(f".{file.name}.link")
+        try:
+            os.link(other, linked)
+        except OSError:
+            continue
+        os.replace(linked, file)
+        saved += file.stat().st_size
+    return saved
+
+
 def save_model(model: Any, tokenizer: Any, target: Path) -> Path:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -124,16 +170,20 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     keep_resumable: int | None = None,
+    same: Path | None = None,
 ) -> Path:
     """Model, tokenizer and the full training state after ``step`` optimizer steps.
 
     ``optimizer_state``: the FULL state in torch's layout (:func:`posttrain.distributed.optimizer_state`),
     whatever the number of processes that trained: any number can resume it. Written by one process.
-    ``keep_resumable``: once it is written, only the newest N checkpoints keep their state (:func:`slim`)."""
+    ``keep_resumable``: once it is written, only the newest N checkpoints keep their state (:func:`slim`).
+    ``same``: a model folder just written from the same weights (the final model): weight files equal to its
+    own are stored once (:func:`share_weights`)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        share_weights(tmp, same)
         state = {
             "step": step,
             "optimizer": optimizer_state,

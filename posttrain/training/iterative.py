@@ -194,7 +194,7 @@ def _rounds(
     if distributed.is_main():
         if (output_dir / "model").exists():  # a resumed run killed while it copied
             shutil.rmtree(output_dir / "model")
-        shutil.copytree(result.model_dir, output_dir / "model")
+        shutil.copytree(result.model_dir, output_dir / "model", copy_function=checkpoint.link_or_copy)
     distributed.barrier()
     summary: dict[str, Any] = {"method": alg.name, "model": config.model, "rounds": rounds}
     if eval_prompts:  # greedy answers to the held-out prompts, before the first round and after the last

@@ -273,7 +273,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
                                       tokenizer, model_dir)  # fmt: skip
             if config.save_steps:
                 checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable,
-                                           config.keep_resumable)  # fmt: skip
+                                           config.keep_resumable, same=model_dir)  # fmt: skip
         distributed.barrier()
 
     summary: dict[str, Any] = {"method": config.method, "model": config.model, "steps": total, "layout": task.layout}

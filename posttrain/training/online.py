@@ -209,9 +209,11 @@ def _train_online(
             plain_critic = distributed.unsharded(critic, start_critic or (lambda: critic))
         return plain, plain_critic
 
-    def save(step: int, plains: tuple[nn.Module | None, nn.Module | None] | None = None) -> None:
+    def save(
+        step: int, plains: tuple[nn.Module | None, nn.Module | None] | None = None, same: Path | None = None
+    ) -> None:
         """The checkpoint of ``step``: full, unsharded state, so any number of processes resumes it
-        (``plains``: :func:`plain_models` already gathered)."""
+        (``plains``: :func:`plain_models` already gathered; ``same``: the final model, its weights stored once)."""
         plain, plain_critic = plains or plain_models()
         optimizers = [
             (distributed.optimizer_state(m, o), sc.state_dict()) for m, (o, sc) in zip(trained, steppers, strict=True)
@@ -221,7 +223,7 @@ def _train_online(
                      "optimizers": optimizers, "fingerprints": fingerprints,
                      "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
             checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra,
-                                       config.keep_resumable)  # fmt: skip
+                                       config.keep_resumable, same)  # fmt: skip
         distributed.barrier()
 
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
@@ -386,7 +388,7 @@ def _train_online(
             final_critic = plain_critic  # (the closure's own name: plain_critic is deleted below)
             checkpoint.write_atomically(output_dir / "critic", lambda tmp: final_critic.save(tmp, tokenizer))
     if config.save_steps:  # the end state too: resuming a finished run is a no-op, not a retrain
-        save(total, (plain, plain_critic))
+        save(total, (plain, plain_critic), model_dir)
     del plain, plain_critic
     summary["train_time_s"] = round(time.perf_counter() - started, 1)
     summary["skipped_steps"] = guard.skipped
