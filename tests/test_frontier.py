@@ -383,6 +383,32 @@ def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert fourth["runs"][1]["points"] == third["runs"][1]["points"]
 
 
+def test_a_removed_run_folder_keeps_its_curve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A finished run's folder removed to free the disk: the next ``--only`` sitting keeps its curve from the
+    point cache, marked and said in a line; once its config is edited its old points are no longer shown."""
+    config = small_grid(
+        tiny_model_dir, tmp_path, max_steps=1, batch_size=2, num_generations=2, frontier={"points": 1, "shown": 1},
+        grid=[{"label": "a", "method": "grpo"}, {"label": "b", "method": "grpo"}],
+    )  # fmt: skip
+    first = run_frontier(config, log=lambda _: None)
+    shutil.rmtree(tmp_path / "grid" / "b")
+    lines: list[str] = []
+    second = run_frontier(config, only=["a"], log=lines.append)
+    assert [r["run"] for r in second["runs"]] == ["a", "b"]
+    assert (
+        second["runs"][1] == {**first["runs"][1], "folder_removed": True} and "folder_removed" not in second["runs"][0]
+    )
+    assert any(
+        f"b: its folder {tmp_path / 'grid' / 'b'} was removed; the table keeps its 1 measured point(s)" in x
+        for x in lines
+    )
+    assert json.loads((tmp_path / "grid" / "frontier.json").read_text()) == second
+
+    config["grid"][1]["learning_rate"] = 2e-3  # another run now: its old points are not its own
+    third = run_frontier(config, only=["a"], log=lambda _: None)
+    assert [r["run"] for r in third["runs"]] == ["a"]
+
+
 def _point(step: int, kl: float, reward: float, se: float = 0.02) -> dict[str, Any]:
     return {"step": step, "kl": kl, "reward": reward, "reward_se": se}
 

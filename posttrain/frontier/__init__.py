@@ -64,7 +64,7 @@ def run_frontier(
     from posttrain import distributed
     from posttrain.frontier.budget import best_within, describe
     from posttrain.frontier.output import write_all
-    from posttrain.frontier.points import PointMeter, path_points, spread
+    from posttrain.frontier.points import PointMeter, keep_record, kept_points, path_points, spread
     from posttrain.pipeline import run_pipeline
     from posttrain.training import checkpoint
     from posttrain.training.first_round import shared_first_rounds
@@ -98,15 +98,17 @@ def run_frontier(
                 f"nats, distinct-2 {figures['distinct_2']:.3f} "
                 f"({'reused' if meter.reused else f'{time.monotonic() - t0:.0f} s'})")  # fmt: skip
             out.append({"step": point.step, "model": str(point.model), **shown(figures)})
+        keep_record(cache / run.name, stage.config, meter.settings_key(), out)
         return out
 
     png = [False]  # whether the last write drew frontier.png (matplotlib is an extra)
     methods = {s.name: method_name(s.config.algorithm) for s in every}
+    gone: set[str] = set()  # runs whose folder was removed, their points kept from the cache
 
     def write() -> None:
         result["runs"] = [
             {"run": r.name, "label": r.label, "method": methods[r.name], "strength": r.strength,
-             "points": measured[r.name],
+             "points": measured[r.name], **({"folder_removed": True} if r.name in gone else {}),
              "kl_budgets": [best_within(result["start"], measured[r.name], b) for b in settings.kl_budgets]}
             for r in grid.runs if r.name in measured
         ]  # fmt: skip
@@ -125,6 +127,15 @@ def run_frontier(
             for other in every:  # finished runs of other curves (--only) are in the table too
                 if other.done and other.name not in names:
                     measured[other.name] = points_of(other)
+                elif other.name not in names and not other.output_dir.exists():
+                    kept = kept_points(cache / other.name, other.config, meter.settings_key())
+                    if kept is not None:
+                        measured[other.name] = kept
+                        gone.add(other.name)
+                        log(
+                            f"frontier: {other.name}: its folder {other.output_dir} was removed; the table keeps its "
+                            f"{len(kept)} measured point(s) from {cache / other.name}"
+                        )
         path = path_points(stage.output_dir)
         how = "finished earlier, reused" if stage.done else f"trained in {spent / 60:.1f} min"
         log(f"frontier: run {[s.name for s in stages].index(stage.name) + 1}/{len(stages)} {stage.name}: {how} "

@@ -12,7 +12,9 @@ KL per completion is the mean over samples of ``sum_t log pi(y_t | x, y_<t) - lo
 A measured point is written to ``OUTPUT_DIR/frontier/points/RUN/STEP.json`` with the model's fingerprint
 (size and modification time of its weights, not its path: a moved grid keeps its points) and the settings,
 and reused while both are unchanged. It records the machine that measured it (:mod:`posttrain.machine`): another
-machine samples other completions from the same model and seed.
+machine samples other completions from the same model and seed. Beside them, ``RUN/run.json`` keeps the run's
+config and the points its curve shows, so that a run whose folder was removed (to free the disk) keeps its curve
+in the table while its config and the settings stay as they were (:func:`kept_points`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,34 @@ def path_points(run: Path) -> list[Point]:
         found, offset = _steps_of(folder / "train", offset)
         points.extend(found)
     return points
+
+
+RUN_RECORD = "run.json"
+
+
+def _run_key(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a run's measured curve depends on, as JSON reads it back: its training config (its folder aside: a
+    moved grid is the same run) and the point settings (:meth:`PointMeter.settings_key`)."""
+    trained = {k: v for k, v in config.to_dict().items() if k != "output_dir"}
+    return dict(json.loads(json.dumps({"config": trained, "settings": settings}, default=str)))
+
+
+def keep_record(folder: Path, config: TrainConfig, settings: dict[str, Any], points: list[dict[str, Any]]) -> None:
+    """Write ``folder/run.json`` (``folder``: the run's point cache): the curve ``points`` and what it depends on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps({"key": _run_key(config, settings), "points": points}, indent=1) + "\n")
+    tmp.replace(folder / RUN_RECORD)
+
+
+def kept_points(folder: Path, config: TrainConfig, settings: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The points :func:`keep_record` kept for a run of this config measured under these settings, or None
+    (none kept, or kept for another config or other settings: an edited run is trained and measured again)."""
+    record = folder / RUN_RECORD
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    return list(saved["points"]) if saved.get("key") == _run_key(config, settings) else None
 
 
 def spread(points: list[Point], count: int) -> list[Point]:
