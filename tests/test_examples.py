@@ -29,3 +29,19 @@ def test_example_reads(path: Path) -> None:
         assert len(stages_of(path)) >= 2
     else:
         assert load(path).output_dir
+
+
+def test_the_shipped_frontier_runs_are_the_measured_ones() -> None:
+    """examples/frontier_sentiment.yaml promises each run's measured figures: every run of it is a run of the
+    research grids it was measured in, with the same config (its folder aside), so the figures are its own."""
+    folder = Path(__file__).resolve().parent.parent / "examples"
+
+    def runs(name: str) -> dict[str, dict[str, object]]:
+        stages = stages_of(read_grid(folder / name).pipeline)
+        return {s.name: {k: v for k, v in s.config.to_dict().items() if k != "output_dir"} for s in stages}
+
+    measured = {**runs("frontier_sentiment_8_openings.yaml"), **runs("frontier_sentiment_rloo.yaml")}
+    shipped = runs("frontier_sentiment.yaml")
+    assert len(shipped) == 10
+    for name, config in shipped.items():
+        assert measured.get(name) == config, name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from posttrain.frontier.grid import read_grid, select
 from posttrain.frontier.points import Point, path_points, spread
 from posttrain.training import checkpoint
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "frontier_sentiment.yaml"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "frontier_sentiment_first_grid.yaml"
+SHIPPED = EXAMPLE.with_name("frontier_sentiment.yaml")  # the settings that met the targets
 
 
 def grid_config(**changes: Any) -> dict[str, Any]:
@@ -217,6 +219,19 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert again.count("finished earlier, reused") == 10
     assert again.count(" s)") == 0 and again.count("(reused)") == 30  # no point measured again
     assert json.loads((folder / "frontier.json").read_text()) == result
+
+
+def test_the_shipped_frontier_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The frontier a user runs first: the five methods of the issue (online DPO as reward distillation), each at
+    two strengths, every run trained and measured along its path."""
+    pytest.importorskip("vaderSentiment")
+    out = tmp_path / "shipped"
+    assert main(["frontier", str(SHIPPED), "--quick", "--set", f"output_dir={out}"]) == 0
+    result = json.loads((tmp_path / "shipped-quick" / "frontier.json").read_text())
+    methods = Counter(r["method"] for r in result["runs"])
+    assert methods == {"grpo": 2, "rloo": 2, "ppo": 2, "online distill": 2, "offline dpo": 2}
+    assert all(len(r["points"]) >= 2 for r in result["runs"])
+    assert capsys.readouterr().out.count("trained in") == 10
 
 
 def test_points_measured_on_several_machines_say_so() -> None:
