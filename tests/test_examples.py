@@ -33,7 +33,8 @@ def test_example_reads(path: Path) -> None:
 
 def test_the_shipped_frontier_runs_are_the_measured_ones() -> None:
     """examples/frontier_sentiment.yaml promises each run's measured figures: every run of it is a run of the
-    research grids it was measured in, with the same config (its folder aside), so the figures are its own."""
+    research grids it was measured in, with the same config (its folder aside), and its points are sampled with
+    the same settings, so the figures are its own."""
     folder = Path(__file__).resolve().parent.parent / "examples"
 
     def runs(name: str) -> dict[str, dict[str, object]]:
@@ -45,3 +46,12 @@ def test_the_shipped_frontier_runs_are_the_measured_ones() -> None:
     assert len(shipped) == 10
     for name, config in shipped.items():
         assert measured.get(name) == config, name
+    # ... and its points are sampled as theirs were (the grid's first run's generation settings draw them all).
+    from posttrain.frontier.points import point_settings
+
+    def sampled(name: str) -> dict[str, object]:
+        grid = read_grid(folder / name)
+        return point_settings(stages_of(grid.pipeline)[0].config, grid.settings, grid.eval_data)
+
+    assert sampled("frontier_sentiment.yaml") == sampled("frontier_sentiment_8_openings.yaml")
+    assert sampled("frontier_sentiment.yaml") == sampled("frontier_sentiment_rloo.yaml")

@@ -82,6 +82,16 @@ def path_points(run: Path) -> list[Point]:
     return points
 
 
+def point_settings(config: TrainConfig, settings: FrontierSettings, eval_data: str) -> dict[str, Any]:
+    """Everything that changes what a point's samples are or how they are scored, as JSON reads it back:
+    ``config`` is the grid's first run's (its ``generation``, ``batch_size`` included, draws every point)."""
+    s, c = settings, config
+    key = {"data": eval_data, "samples": s.samples, "seed": s.seed, "generation": c.generation,
+           "chat_template": c.data.chat_template, "split": c.data.split, "prompt_limit": c.data.prompt_limit,
+           "precision": c.precision, "rewards": c.rewards, "reference": c.reference.model or c.model}  # fmt: skip
+    return dict(json.loads(json.dumps(key, default=lambda o: dataclasses.asdict(o))))
+
+
 RUN_RECORD = "run.json"
 
 
@@ -161,12 +171,8 @@ class PointMeter:
         self.scorer = Scorer(config, self.device, temperature=1.0)
 
     def settings_key(self) -> dict[str, Any]:
-        """Everything that changes what a point's samples are or how they are scored, as JSON reads it back."""
-        s, c = self.settings, self.config
-        key = {"data": self.eval_data, "samples": s.samples, "seed": s.seed, "generation": c.generation,
-               "chat_template": c.data.chat_template, "split": c.data.split, "prompt_limit": c.data.prompt_limit,
-               "precision": c.precision, "rewards": c.rewards, "reference": c.reference.model or c.model}  # fmt: skip
-        return json.loads(json.dumps(key, default=lambda o: dataclasses.asdict(o)))
+        """Everything that changes what a point's samples are or how they are scored (:func:`point_settings`)."""
+        return point_settings(self.config, self.settings, self.eval_data)
 
     def measure(self, model: Path | None, cache: Path | None = None) -> dict[str, Any]:
         """The figures of ``model`` (None: the reference itself, the point at KL 0), reused from ``cache``
