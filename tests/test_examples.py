@@ -46,12 +46,13 @@ def test_the_shipped_frontier_runs_are_the_measured_ones() -> None:
     assert len(shipped) == 10
     for name, config in shipped.items():
         assert measured.get(name) == config, name
-    # ... and its points are sampled as theirs were (the grid's first run's generation settings draw them all).
+    # ... and its points are sampled as theirs were (the grid's shared generation settings draw them all).
+    from posttrain.frontier.grid import point_config
     from posttrain.frontier.points import point_settings
 
     def sampled(name: str) -> dict[str, object]:
         grid = read_grid(folder / name)
-        return point_settings(stages_of(grid.pipeline)[0].config, grid.settings, grid.eval_data)
+        return point_settings(point_config(grid), grid.settings, grid.eval_data)
 
     assert sampled("frontier_sentiment.yaml") == sampled("frontier_sentiment_8_openings.yaml")
     assert sampled("frontier_sentiment.yaml") == sampled("frontier_sentiment_rloo.yaml")

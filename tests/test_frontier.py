@@ -15,7 +15,7 @@ import pytest
 from posttrain.cli import main
 from posttrain.config import ConfigError
 from posttrain.frontier import run_frontier
-from posttrain.frontier.grid import read_grid, select
+from posttrain.frontier.grid import point_config, read_grid, select
 from posttrain.frontier.points import Point, path_points, spread
 from posttrain.training import checkpoint
 
@@ -336,18 +336,37 @@ def small_grid(model: Path, tmp_path: Path, **keys: Any) -> dict[str, Any]:
 
 
 def test_points_are_sampled_alike_whichever_run_is_trained_now(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A run's own sampling settings (here ``generation.batch_size``, which changes the draws) are its training's:
-    ``--only`` of that run measures with the grid's first run's settings, so the cached points stay valid."""
+    """A run's own sampling settings (here ``generation.batch_size``, which changes the draws, and
+    ``data.max_length``) are its training's: every point is sampled with the grid's shared ones, whichever run
+    ``--only`` trains and whichever run comes first, so the cached points stay valid when the grid is reordered."""
+    own = {"label": "b", "method": "grpo", "generation": {"batch_size": 1}, "data": {"max_length": 32}}
     config = small_grid(
         tiny_model_dir, tmp_path, max_steps=1, batch_size=2, num_generations=2, frontier={"points": 1, "shown": 1},
-        grid=[{"label": "a", "method": "grpo"}, {"label": "b", "method": "grpo", "generation": {"batch_size": 1}}],
+        grid=[own, {"label": "a", "method": "grpo"}],
     )  # fmt: skip
     run_frontier(config, only=["b"], log=lambda _: None)
     start = json.loads((tmp_path / "grid" / "frontier" / "points" / "start.json").read_text())
     assert start["key"]["settings"]["generation"]["batch_size"] == 16  # the shared default, not b's 1
+    assert start["key"]["settings"]["prompt_limit"] == 32  # the shared max_length 64's, not b's 32's 16
+    before = (tmp_path / "grid" / "frontier" / "points" / "start.json").stat().st_mtime_ns
     lines: list[str] = []
-    run_frontier(config, only=["a"], log=lines.append)
+    run_frontier({**config, "grid": config["grid"][::-1]}, only=["a"], log=lines.append)
     assert sum("(reused)" in line for line in lines) == 1  # b's point; a's is new
+    assert (tmp_path / "grid" / "frontier" / "points" / "start.json").stat().st_mtime_ns == before  # reused too
+
+
+def test_a_grids_shared_sampling_settings_sample_its_points(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """point_config: the first run's config with the grid's shared generation, precision and data's prompt keys,
+    their defaults where the grid gives none, the run's own values of them aside."""
+    own = {"method": "grpo", "generation": {"batch_size": 1, "max_new_tokens": 9}, "precision": "bf16",
+           "data": {"max_length": 32, "chat_template": True}, "beta": 0.3}  # fmt: skip
+    config = small_grid(tiny_model_dir, tmp_path, max_steps=1, grid=[own])
+    point = point_config(read_grid(config))
+    assert (point.generation.batch_size, point.generation.max_new_tokens, point.precision) == (16, 6, "fp32")
+    assert (point.data.max_length, point.data.chat_template) == (64, False)
+    assert point.algorithm.beta == 0.3 and point.data.train == config["data"]["train"]
+    config["generation"] = {"max_new_tokens": 6, "batch_size": 2}
+    assert point_config(read_grid(config)).generation.batch_size == 2
 
 
 def test_a_grid_in_several_sittings(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError
-from posttrain.frontier.grid import Grid, method_name, quick, read_grid, select
+from posttrain.frontier.grid import Grid, method_name, point_config, quick, read_grid, select
 
 __all__ = ["run_frontier"]
 
@@ -77,9 +77,9 @@ def run_frontier(
     every = _check(grid, resume, {r.name for r in grid.runs} - names)  # the whole grid: its finished runs
     stages = [s for s in every if s.name in names]
     settings = grid.settings
-    # Every point of the grid is sampled alike, whichever runs --only trains now: with the grid's first run's
-    # settings (a run's own generation.batch_size, say, would change the draws and miss every cached point).
-    meter = PointMeter(every[0].config, settings, grid.eval_data)
+    # Every point of the grid is sampled alike, whichever runs --only trains now and in whatever order: with the
+    # grid's shared sampling settings (a run's own generation.batch_size, say, would change the draws).
+    meter = PointMeter(point_config(grid), settings, grid.eval_data)
     cache = grid.output_dir / "frontier" / "points"
     measured: dict[str, list[dict[str, Any]]] = {}
     result: dict[str, Any] = {"output_dir": str(grid.output_dir), "data": grid.eval_data, "samples": settings.samples,

@@ -37,12 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.algorithms import ALGORITHMS, Algorithm, IterativeDPO
-from posttrain.config import ConfigError, apply_overrides
+from posttrain.config import ConfigError, TrainConfig, apply_overrides
 from posttrain.data.formats import read_rows, resolve_source
 from posttrain.fields import nearest
-from posttrain.pipeline import NAME, read_raw
+from posttrain.pipeline import NAME, read_raw, stages_of
 
 FRONTIER_KEYS = ("points", "samples", "seed", "shown", "data", "kl_budgets")
+POINT_DATA_KEYS = ("split", "max_length", "max_prompt_length", "chat_template")
+"""The ``data`` keys that change a point's prompts; with ``generation`` and ``precision``, the grid's shared values
+sample every point (:func:`point_config`)."""
 RESERVED = ("frontier", "quick-model", "quick-data")
 """Folder names of ``output_dir`` that the frontier itself writes: not run labels."""
 
@@ -196,6 +199,18 @@ def _expand(raw: dict[str, Any]) -> Grid:
     pipeline = {**raw, "stages": stages}
     _add_save_steps(pipeline, [r.points for r in runs])
     return Grid(pipeline, runs, settings, Path(raw["output_dir"]), str(eval_data))
+
+
+def point_config(grid: Grid) -> TrainConfig:
+    """The config every point of the grid is sampled and scored with: its first run's (the runs share the rewards
+    and the reference), with the grid's shared sampling keys in place of the run's own: the top-level
+    ``generation`` and ``precision`` and the ``data`` keys :data:`POINT_DATA_KEYS` (their defaults where the top
+    level gives none). A run's own values of these are its training's, so neither the runs a sitting trains
+    (``--only``) nor their order changes what a point is (a run's ``generation.batch_size`` changes the draws)."""
+    own = {k: v for k, v in grid.pipeline["stages"][0].items() if k not in ("generation", "precision")}
+    if isinstance(own.get("data"), dict):
+        own["data"] = {k: v for k, v in own["data"].items() if k not in POINT_DATA_KEYS}
+    return stages_of({**grid.pipeline, "stages": [own]})[0].config
 
 
 def _add_save_steps(pipeline: dict[str, Any], points: list[int]) -> None:

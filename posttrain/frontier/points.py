@@ -84,7 +84,8 @@ def path_points(run: Path) -> list[Point]:
 
 def point_settings(config: TrainConfig, settings: FrontierSettings, eval_data: str) -> dict[str, Any]:
     """Everything that changes what a point's samples are or how they are scored, as JSON reads it back:
-    ``config`` is the grid's first run's (its ``generation``, ``batch_size`` included, draws every point)."""
+    ``config`` is :func:`posttrain.frontier.grid.point_config`'s (its ``generation``, ``batch_size`` included,
+    draws every point)."""
     s, c = settings, config
     key = {"data": eval_data, "samples": s.samples, "seed": s.seed, "generation": c.generation,
            "chat_template": c.data.chat_template, "split": c.data.split, "prompt_limit": c.data.prompt_limit,
