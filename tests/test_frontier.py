@@ -197,6 +197,8 @@ def test_example_end_to_end_quick(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert table.count("\n| ") == (1 + 5) + (1 + 10) + (1 + 1 + 30)
     assert "| offline dpo | 2 |" in table and "| online dpo | 2 |" in table
     assert "| method | run | KL <= 5 | KL <= 10 |" in table  # the example's kl_budgets
+    decoding = result["decoding"]  # the shared generation settings the points were sampled with, named
+    assert f"at most {decoding['max_new_tokens']} new tokens, decoded {decoding['batch_size']} at a time" in table
     assert all(len(run["kl_budgets"]) == 2 for run in result["runs"])
     assert "Measured on: cpu (" in table and " threads, torch " in table
     assert (folder / "frontier.png").read_bytes()[:4] == b"\x89PNG"
@@ -344,7 +346,8 @@ def test_points_are_sampled_alike_whichever_run_is_trained_now(tiny_model_dir: P
         tiny_model_dir, tmp_path, max_steps=1, batch_size=2, num_generations=2, frontier={"points": 1, "shown": 1},
         grid=[own, {"label": "a", "method": "grpo"}],
     )  # fmt: skip
-    run_frontier(config, only=["b"], log=lambda _: None)
+    result = run_frontier(config, only=["b"], log=lambda _: None)
+    assert result["decoding"] == {"max_new_tokens": 6, "batch_size": 16}
     start = json.loads((tmp_path / "grid" / "frontier" / "points" / "start.json").read_text())
     assert start["key"]["settings"]["generation"]["batch_size"] == 16  # the shared default, not b's 1
     assert start["key"]["settings"]["prompt_limit"] == 32  # the shared max_length 64's, not b's 32's 16

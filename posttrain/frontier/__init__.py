@@ -84,6 +84,8 @@ def run_frontier(
     measured: dict[str, list[dict[str, Any]]] = {}
     result: dict[str, Any] = {"output_dir": str(grid.output_dir), "data": grid.eval_data, "samples": settings.samples,
                               "seed": settings.seed, "kl_budgets": list(settings.kl_budgets), "start": None,
+                              "decoding": {"max_new_tokens": meter.config.generation.max_new_tokens,
+                                           "batch_size": meter.config.generation.batch_size},
                               "runs": []}  # fmt: skip
 
     def shown(figures: dict[str, Any]) -> dict[str, Any]:  # the cache keeps every sample; the table a few

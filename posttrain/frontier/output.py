@@ -38,11 +38,14 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The table: one row per point, the figures with their standard errors."""
+    decoding = result.get("decoding")  # (absent from the records of grids measured before it was written)
+    decoded = (f", at most {decoding['max_new_tokens']} new tokens, decoded {decoding['batch_size']} at a time (the "
+               "grid's shared `generation`: the batch size changes the draws)") if decoding else ""  # fmt: skip
     lines = [
         f"# Reward against KL: {result['output_dir']}",
         "",
         f"Held-out prompts: `{result['data']}`, {result['samples']} sample(s) each at temperature 1, top_p 1, "
-        f"top_k 0, seed {result['seed']}. KL: nats per completion on the policy's own samples (mean ± s.e.).",
+        f"top_k 0, seed {result['seed']}{decoded}. KL: nats per completion on the policy's own samples (mean ± s.e.).",
         "",
     ]
     rows = _rows(result)
