@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from posttrain.algorithms.online import GRPO
 from posttrain.config import ConfigError
 from posttrain.frontier import run_frontier
 from posttrain.frontier.grid import point_config, read_grid
@@ -59,7 +60,8 @@ def test_a_grids_shared_sampling_settings_sample_its_points(tiny_model_dir: Path
     point = point_config(read_grid(config))
     assert (point.generation.batch_size, point.generation.max_new_tokens, point.precision) == (16, 6, "fp32")
     assert (point.data.max_length, point.data.chat_template) == (64, False)
-    assert point.algorithm.beta == 0.3 and point.data.train == config["data"]["train"]
+    assert isinstance(point.algorithm, GRPO) and point.algorithm.beta == 0.3  # the run's own method keys
+    assert point.data.train == config["data"]["train"]
     config["generation"] = {"max_new_tokens": 6, "batch_size": 2}
     assert point_config(read_grid(config)).generation.batch_size == 2
 
