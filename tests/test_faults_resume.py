@@ -1,7 +1,8 @@
 """Kill and resume: SIGKILL at the first step or during a checkpoint write, then a rerun or --resume ends
-bitwise equal to an uninterrupted run (CPU); a damaged latest checkpoint falls back to the one before it;
---resume verifies what it resumes (data, starting model, config; a moved folder is the same run) and never
-runs code from a state file. Each case: the exit status, the one-line message and what the folder holds."""
+bitwise equal to an uninterrupted run (on CUDA under `deterministic: true`); a damaged latest checkpoint
+falls back to the one before it; --resume verifies what it resumes (data, starting model, config; a moved
+folder is the same run) and never runs code from a state file. Each case: the exit status, the one-line
+message and what the folder holds."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import yaml
 from faults import assert_same_run, killed, listing, one_error_line, state_of, write_config
 from safetensors.torch import load_file, save_file
-from support import first_bundled_pairs, killed_after_first_checkpoint, run_config
+from support import BIT_EXACT, first_bundled_pairs, killed_after_first_checkpoint, run_config
 
 import posttrain
 from posttrain import pipeline
@@ -30,8 +31,10 @@ def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(model: Path, data: Path, out: Path, **extra: Any) -> dict[str, Any]:
-    """Six steps, a checkpoint every two (steps 2, 4 and the end state at 6)."""
-    return run_config("dpo", model, data, out, **{"max_steps": 6, "save_steps": 2, "micro_batch_size": 4, **extra})
+    """Six steps, a checkpoint every two (steps 2, 4 and the end state at 6); compared bit for bit, so
+    ``deterministic: true`` on a CUDA machine (support.BIT_EXACT)."""
+    settings = {"max_steps": 6, "save_steps": 2, "micro_batch_size": 4, **BIT_EXACT, **extra}
+    return run_config("dpo", model, data, out, **settings)
 
 
 @pytest.fixture(scope="module")

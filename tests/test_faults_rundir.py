@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from faults import assert_same_run, child, listing, one_error_line, read_only, state_of, wait_for, write_config
 from safetensors import SafetensorError
-from support import first_bundled_pairs, run_config
+from support import BIT_EXACT, first_bundled_pairs, run_config
 
 import posttrain
 from posttrain import distributed
@@ -33,7 +33,7 @@ def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(model: Path, data: Path, out: Path, **extra: Any) -> dict[str, Any]:
-    return run_config("dpo", model, data, out, **{"max_steps": 4, "micro_batch_size": 4, **extra})
+    return run_config("dpo", model, data, out, **{"max_steps": 4, "micro_batch_size": 4, **BIT_EXACT, **extra})
 
 
 @pytest.fixture(scope="module")

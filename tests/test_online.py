@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import killed_after_first_checkpoint
+from support import BIT_EXACT, killed_after_first_checkpoint
 from transformers import AutoModelForCausalLM
 
 import posttrain
@@ -183,7 +183,7 @@ def test_resume_equals_uninterrupted(
     PPO's critic) and every later step's figures equal a straight run's (sampling seeds follow the step)."""
     import torch
 
-    extra: dict[str, Any] = {"max_steps": 4, "save_steps": 2, "lr_scheduler": "cosine", "beta": 0.04}
+    extra: dict[str, Any] = {"max_steps": 4, "save_steps": 2, "lr_scheduler": "cosine", "beta": 0.04, **BIT_EXACT}
     extra |= {"num_iterations": 2} if method == "grpo" else {"num_generations": 2, "num_mini_batches": 2}
     straight = run(online_config(method, tiny_model_dir, prompts_file, tmp_path / "straight", **extra))
     cfg = online_config(method, tiny_model_dir, prompts_file, tmp_path / "resumed", **extra)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import killed_after_first_checkpoint, write_word_prompts
+from support import BIT_EXACT, killed_after_first_checkpoint, write_word_prompts
 from test_ppo import CANDIDATES, ppo_config, run
 from test_syncs import counting_reads, reads_between_steps
 from transformers import AutoModelForCausalLM
@@ -78,7 +78,7 @@ def test_resume_inside_the_warmup_equals_a_straight_run(
     and steps 3-5 (figures, final policy and critic) equal a straight run's. The adaptive KL controller holds
     beta through the warm-up (logged beta: the one each step used), and moves it after step 4."""
     extra: dict[str, Any] = {"max_steps": 5, "save_steps": 2, "critic_warmup_steps": 3, "adaptive_kl": True,
-                             "kl_target": 0.01, "lr_scheduler": "cosine"}  # fmt: skip
+                             "kl_target": 0.01, "lr_scheduler": "cosine", **BIT_EXACT}  # fmt: skip
     straight = run(ppo_config(tiny_model_dir, prompts_file, tmp_path / "straight", **extra))
     cfg = ppo_config(tiny_model_dir, prompts_file, tmp_path / "resumed", **extra)
     killed_after_first_checkpoint(lambda: run(cfg), monkeypatch)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import killed_after_first_checkpoint, run_config
+from support import BIT_EXACT, killed_after_first_checkpoint, run_config
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import posttrain
@@ -277,7 +277,7 @@ def test_resume_equals_uninterrupted(
     eos_pad_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Resuming loads the step-2 checkpoint, itself a sequence classifier with the grown vocabulary."""
-    extra = {"max_steps": 4, "save_steps": 2}
+    extra = {"max_steps": 4, "save_steps": 2, **BIT_EXACT}
     straight = posttrain.train(reward_config(eos_pad_model_dir, pairs_file, tmp_path / "straight", **extra))
     cfg = reward_config(eos_pad_model_dir, pairs_file, tmp_path / "resumed", **extra)
     killed_after_first_checkpoint(lambda: posttrain.train(cfg), monkeypatch)
