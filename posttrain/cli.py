@@ -10,7 +10,10 @@
 Bad input (config or data) prints one line ``posttrain: error: ...`` naming the file, row and field, and
 exits with status 2 before anything is written. A pipeline stage that fails while running prints one line
 naming the stage and exits with status 1, as does a reward that fails or returns a bad value at a rollout
-(the line names the reward and the first bad value). Anything else is a bug: a traceback.
+(the line names the reward and the first bad value). A run stopped by SIGTERM (a scheduler's time limit, a
+reclaimed instance) writes a checkpoint at the next optimizer step, prints one line ``posttrain: stopped by
+SIGTERM after step N of M; checkpoint ...`` and exits with status 143; ``--resume`` continues it
+(:mod:`posttrain.training.stopping`). Anything else is a bug: a traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from posttrain.report.runs import ReportError
 from posttrain.rewards.combine import RewardError
 from posttrain.training.checkpoint import WriteError
 from posttrain.training.guard import NonFiniteError
+from posttrain.training.stopping import EXIT_STATUS, Stopped
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -233,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as err:  # training diverged: the step, the figure, the likely cause; nothing saved after
         _error(err)
         return 1
+    except Stopped as err:  # SIGTERM: a checkpoint at the step it came in (or the run had finished)
+        from tqdm import tqdm
+
+        tqdm.write(f"posttrain: {err}", file=sys.stderr)
+        return EXIT_STATUS
 
 
 if __name__ == "__main__":

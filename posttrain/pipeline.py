@@ -45,6 +45,7 @@ from posttrain.config.loader import read_raw, read_yaml
 from posttrain.data.formats import DataError
 from posttrain.data.kinds import load_examples
 from posttrain.fields import nearest
+from posttrain.training.stopping import Stopped, requested
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -391,6 +392,8 @@ def _run_stages(
             tqdm.write(f"stage {stage.name}: done, skipped")
             result = stage.result()
         else:
+            if requested():  # SIGTERM between stages (a frontier measuring the last one's points, say)
+                raise Stopped(f"stopped by {Stopped.signal()} before stage {stage.name}; --resume starts it")
             tqdm.write(f"stage {stage.name}: {stage.config.method} from {stage.config.model} -> {stage.output_dir}")
             try:
                 result = run(stage.config, resume=resume)
@@ -398,6 +401,8 @@ def _run_stages(
                 raise ConfigError(f"{stage.label}: {err}") from err
             except DataError as err:
                 raise DataError(f"{stage.label}: {err}") from err
+            except Stopped:  # SIGTERM: the stage saved its checkpoint; --resume continues it
+                raise
             except Exception as err:
                 raise PipelineError(stage.name, err) from err
         if on_stage is not None:

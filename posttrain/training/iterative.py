@@ -40,7 +40,7 @@ from posttrain.model.load import load_causal_lm, load_tokenizer
 from posttrain.report.card import write_card
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.rollout.pairs import best_worst_pairs
-from posttrain.training import checkpoint, first_round, memory, rundir
+from posttrain.training import checkpoint, first_round, memory, rundir, stopping
 from posttrain.training.offline import RunResult, check_resumable, run
 from posttrain.training.rollouts import default_generator, heldout_figures, method_rewards, sample_all
 
@@ -184,6 +184,9 @@ def _rounds(
         # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would (a finished
         # round's run is kept; a killed one resumes from its last checkpoint or starts again).
         train_dir = round_dir / "train"
+        if stopping.requested() and RunResult.read_back(train_dir) is None:  # SIGTERM while the round sampled
+            raise stopping.Stopped(f"stopped by {stopping.Stopped.signal()} once round {r} had sampled its pairs "
+                                   f"({pairs_file}); --resume trains on them")  # fmt: skip
         offline = round_config(config, pairs_file, model, train_dir)
         result = RunResult.read_back(train_dir) or run(offline, resume=train_dir.exists())
         if config.keep_resumable is not None and distributed.is_main():

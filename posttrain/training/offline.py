@@ -30,7 +30,7 @@ from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
 from posttrain.report.card import write_card
 from posttrain.tracking import open_trackers
-from posttrain.training import checkpoint, memory, rundir
+from posttrain.training import checkpoint, memory, rundir, stopping
 from posttrain.training.guard import NonFiniteGuard
 from posttrain.training.metrics import TOKENS, MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
@@ -261,17 +261,18 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
     resumable = {"config": config.to_dict(), "fingerprints": fingerprints}
     micro = config.micro_batch_size or config.batch_size
 
-    def save(step: int, model_dir: Path | None = None) -> None:
+    def save(step: int, model_dir: Path | None = None, resumable_anyway: bool = False) -> None:
         """The checkpoint of ``step`` (and the final model into ``model_dir``): full, unsharded state, so
         any number of processes can resume it. Every process takes part (gathering shards is collective);
-        the first one writes."""
+        the first one writes. Without ``save_steps`` only a stop (``resumable_anyway``) writes one."""
         plain = distributed.unsharded(policy, lambda: load_policy(task, config, None))
-        opt_state = distributed.optimizer_state(policy, optimizer) if config.save_steps else {}
+        with_state = bool(config.save_steps) or resumable_anyway
+        opt_state = distributed.optimizer_state(policy, optimizer) if with_state else {}
         if plain is not None and distributed.is_main():
             if model_dir is not None:
                 checkpoint.save_model(lora.for_saving(plain, config.lora.save) if config.lora else plain,
                                       tokenizer, model_dir)  # fmt: skip
-            if config.save_steps:
+            if with_state:
                 checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable,
                                            config.keep_resumable, same=model_dir)  # fmt: skip
         distributed.barrier()
@@ -317,8 +318,11 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sums.add(stopping.FIGURE, stopping.flag(), per="total")  # SIGTERM (a host scalar), summed over processes
         # The step's one device-to-host read: every figure, the token count and the gradient norm at once.
-        figures = task.finish_figures(sums.mean(counts, extra={"grad_norm": grad_norm}))
+        figures = sums.mean(counts, extra={"grad_norm": grad_norm})
+        stop = figures.pop(stopping.FIGURE) > 0
+        figures = task.finish_figures(figures)
         tokens, norm = figures.pop(TOKENS), figures.pop("grad_norm")
         skipped = guard.check(step + 1, figures["loss"], norm)  # a NaN/inf stops the run here, before any save
         if guard.saturated(norm):
@@ -335,6 +339,14 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
             writer.write({"split": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, **figures, **peaks,
                           "grad_norm": norm, "lr": lr, "tokens_per_s": tokens / elapsed,
                           "step_time_s": elapsed, **({"skipped": True} if skipped else {})})  # fmt: skip
+        if stop and step + 1 < total:  # a checkpoint of this step, then out (the last step finishes the run)
+            # (without save_steps the starting weights were not fingerprinted: a resume checks the data only)
+            resumable["fingerprints"] = fingerprints or rundir.fingerprints(None, splits)
+            save(step + 1, resumable_anyway=True)
+            progress.close()
+            if distributed.is_main():
+                writer.close()  # the trackers of report_to
+            raise stopping.Stopped.at_step(step + 1, total, output_dir / "checkpoints" / f"step-{step + 1:06d}")
         if eval_records and config.eval_steps and (step + 1) % config.eval_steps == 0 and step + 1 < total:
             run_eval(step + 1)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:

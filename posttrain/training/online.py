@@ -37,7 +37,7 @@ from posttrain.report.card import write_card
 from posttrain.rollout.advantages import tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.tracking import open_trackers
-from posttrain.training import checkpoint, memory, rundir
+from posttrain.training import checkpoint, memory, rundir, stopping
 from posttrain.training.completions import CompletionsLog
 from posttrain.training.guard import NonFiniteGuard
 from posttrain.training.metrics import MetricSums, MetricsWriter
@@ -337,7 +337,9 @@ def _train_online(
         # the rollout-level figures computed on the device.
         extra = {"grad_norm": grad_norm, **targets.figures}
         extra.update(samples_log.on_device(targets.advantages, s.loss_mask))
+        on_device.add(stopping.FIGURE, stopping.flag(), per="total")  # SIGTERM (a host scalar), over processes
         sums = on_device.mean(extra=extra)  # (every figure added per="total")
+        stop = sums.pop(stopping.FIGURE) > 0
         norm = sums.pop("grad_norm")
         rollout_figures = {name: sums.pop(name) for name in list(extra)[1:]}
         samples_log.write(step + 1, s, batch, rollout_figures)  # (takes its rows' advantages out of the figures)
@@ -372,6 +374,14 @@ def _train_online(
         progress.update(1)
         shown = {"reward": f"{figures['reward']:.3f}", "loss": f"{figures['loss']:.4f}"}
         progress.set_postfix({**shown, **memory.shown(peaks)})
+        if stop and step + 1 < total:  # a checkpoint of this step, then out (the last step finishes the run)
+            # (without save_steps the starting weights were not fingerprinted: a resume checks the data only)
+            fingerprints = fingerprints or rundir.fingerprints(None, splits)
+            save(step + 1)
+            progress.close()
+            if distributed.is_main():
+                writer.close()  # the trackers of report_to
+            raise stopping.Stopped.at_step(step + 1, total, output_dir / "checkpoints" / f"step-{step + 1:06d}")
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
             save(step + 1)
     progress.close()

@@ -8,7 +8,8 @@ Besides what a run writes (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
   (its process gone) is taken over, and it is removed when the run ends, by an exception too
   (:mod:`posttrain.training.runlock`). A pipeline locks its root (:func:`locked`), which covers its stages.
 * ``run_state.json``: what happened, written atomically: ``running`` (started, or killed if its lock is
-  gone), ``failed`` (with the error's first line) or ``finished``.
+  gone), ``stopped`` (by SIGTERM, at a step boundary with a checkpoint: :mod:`posttrain.training.stopping`),
+  ``failed`` (with the error's first line) or ``finished``.
 
 How a start treats the folder (:func:`claim`): missing or empty, a new run. A run posttrain marked as
 failed or killed before its first checkpoint starts again in place, with or without ``--resume`` (its files
@@ -45,7 +46,7 @@ from torch import nn
 from posttrain import distributed
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.formats import DataError
-from posttrain.training import checkpoint
+from posttrain.training import checkpoint, stopping
 from posttrain.training.reference import records_digest, weights_digest
 from posttrain.training.runlock import LOCK_FILE, Lock, alive, covered, log, read_json, write_json
 
@@ -87,6 +88,8 @@ class Found:
         state = self.state or {}
         if state.get("state") == "failed":
             return f"failed ({state.get('error')})"
+        if state.get("state") == "stopped":
+            return f"was stopped by {state.get('signal')}"
         return "finished" if state.get("state") == "finished" else "was killed"
 
 
@@ -229,12 +232,14 @@ def _on_main(work: Callable[[], Any]) -> Any:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold the lock of ``path`` (a pipeline's root: its stages' folders are covered by it)."""
+    """Hold the lock of ``path`` (a pipeline's root: its stages' folders are covered by it), SIGTERM a
+    request to stop meanwhile (:mod:`posttrain.training.stopping`)."""
     created = not path.exists()
     held: list[Lock | None] = []
     _on_main(lambda: held.append(_take(path)))
     try:
-        yield
+        with stopping.watching(f"the pipeline in {path}"):
+            yield
     finally:
         if held and held[0] is not None:
             held[0].release()
@@ -246,7 +251,16 @@ def locked(path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def claim(path: Path, resume: bool) -> Iterator[RunFolder]:
     """Own run folder ``path`` for the block: locked, its state ``running``, its start decided (a new run, a
-    restart in place, or the checkpoint to resume); ``finished`` or ``failed`` when the block ends.
+    restart in place, or the checkpoint to resume); ``finished``, ``stopped`` or ``failed`` when the block
+    ends. SIGTERM is a request to stop meanwhile (:mod:`posttrain.training.stopping`): one that no step
+    boundary served raises :class:`~posttrain.training.stopping.Stopped` once the folder says ``finished``."""
+    with stopping.watching(f"the run in {path}"), _claimed(path, resume) as folder:
+        yield folder
+
+
+@contextlib.contextmanager
+def _claimed(path: Path, resume: bool) -> Iterator[RunFolder]:
+    """:func:`claim` but the stop request.
 
     Called by every process of a job; the first one does the work. Input refused inside the block
     (ConfigError, DataError) leaves the folder's story as it was; a folder this call created is removed
@@ -301,7 +315,11 @@ def _ended(path: Path, err: BaseException, previous: dict[str, Any] | None, resu
     data) or a finished run's, none when nothing was written, else ``failed`` with the error's first line."""
     refused = isinstance(err, (ConfigError, DataError))
     with contextlib.suppress(OSError):
-        if refused and previous is not None and (resumed or previous.get("state") == "finished"):
+        if isinstance(err, stopping.Stopped):
+            state = read_json(path / STATE_FILE) or {}
+            write_json(path / STATE_FILE, {**state, "state": "stopped", "signal": err.signal_name, "step": err.step,
+                                            "ended": _now()})  # fmt: skip
+        elif refused and previous is not None and (resumed or previous.get("state") == "finished"):
             write_json(path / STATE_FILE, previous)
         elif not inspect(path).entries:
             (path / STATE_FILE).unlink(missing_ok=True)
