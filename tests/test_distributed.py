@@ -79,9 +79,19 @@ def run_scenario(job: dict[str, Any]) -> int:
     from posttrain.training.iterative import run_iterative
     from posttrain.training.online import run_online
 
-    real = distributed.clip_grad_norm
+    real, real_reduce = distributed.clip_grad_norm, distributed.reduce_gradients
     if job.get("grads"):
         distributed.clip_grad_norm = grads_recorder(Path(job["grads"]))  # type: ignore[assignment]
+    if job.get("sigterm_rank") == distributed.rank():  # SIGTERM to this process alone, in its first step
+
+        def reduce_then_signal(params: Any) -> None:
+            import signal
+
+            distributed.reduce_gradients = real_reduce  # type: ignore[assignment]
+            os.kill(os.getpid(), signal.SIGTERM)
+            real_reduce(params)
+
+        distributed.reduce_gradients = reduce_then_signal  # type: ignore[assignment]
     try:
         factory = lambda m, t: ScriptedGenerator(t, CANDIDATES, score_model=m)  # noqa: E731
         if job["kind"] in ("online", "online_hf"):
@@ -99,6 +109,7 @@ def run_scenario(job: dict[str, Any]) -> int:
         return main(["train", str(path), *(["--resume"] if job.get("resume") else [])])
     finally:
         distributed.clip_grad_norm = real  # type: ignore[assignment]
+        distributed.reduce_gradients = real_reduce  # type: ignore[assignment]
 
 
 def worker(jobs_file: str) -> None:
@@ -253,6 +264,11 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs
     vllm_fsdp2["config"]["distributed"] = {"strategy": "fsdp2"}
     vllm_fsdp2["config"]["generation"] = {"backend": "vllm"}
     jobs += [bad, vllm_fsdp2]
+    # SIGTERM to the second process only, then --resume (no save_steps: only the stop writes a checkpoint).
+    for job in (r.job("dpo", r.root / "stop", name="stop_dpo", grads=None, sigterm_rank=1),
+                r.job("dpo", r.root / "stop", name="resume_stop_dpo", grads=None, resume=True)):  # fmt: skip
+        del job["config"]["save_steps"]
+        jobs.append(job)
     jobs_file = r.root / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     # gloo on the CPU (a machine with one GPU could not give each process its own); NCCL on two GPUs when asked.
@@ -444,6 +460,19 @@ def test_two_processes_resume_one(name: str, runs: Runs) -> None:
     load) and the run ends where an uninterrupted single-process run ends."""
     assert runs.statuses[f"resume_{name}"] == 0, runs.log[-6000:]
     assert_same_run(runs.single / name, runs.root / "one-to-two" / name)
+
+
+def test_a_sigterm_to_one_process_stops_both_at_the_same_step(runs: Runs) -> None:
+    """The second process alone gets SIGTERM in step 1: the request travels with the step's figures, so the
+    first process (whose status this is) stops at the same step, 143, with the checkpoint of step 1 that
+    save_steps would not have written; --resume by both ends as one process's uninterrupted run."""
+    from posttrain.training import checkpoint
+
+    assert runs.statuses["stop_dpo"] == 143 and runs.statuses["resume_stop_dpo"] == 0
+    out = runs.root / "stop" / "dpo"
+    assert "posttrain: stopped by SIGTERM after step 1 of 2; checkpoint " in runs.log
+    assert [p.name for _, p in checkpoint.saved(out)] == ["step-000001"]
+    assert_same_run(runs.single / "dpo", out)
 
 
 def test_refusals_are_one_line_errors(runs: Runs) -> None:
