@@ -45,7 +45,7 @@ from posttrain.config.loader import read_raw, read_yaml
 from posttrain.data.formats import DataError
 from posttrain.data.kinds import load_examples
 from posttrain.fields import nearest
-from posttrain.training.stopping import Stopped, requested
+from posttrain.training.stopping import Stopped, agreed
 
 if TYPE_CHECKING:
     from posttrain.training.offline import RunResult
@@ -392,7 +392,7 @@ def _run_stages(
             tqdm.write(f"stage {stage.name}: done, skipped")
             result = stage.result()
         else:
-            if requested():  # SIGTERM between stages (a frontier measuring the last one's points, say)
+            if agreed():  # SIGTERM between stages (a frontier measuring the last one's points, say)
                 raise Stopped(f"stopped by {Stopped.signal()} before stage {stage.name}; --resume starts it")
             tqdm.write(f"stage {stage.name}: {stage.config.method} from {stage.config.model} -> {stage.output_dir}")
             try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +92,8 @@ def test_sigterm_from_outside_stops_with_a_checkpoint_and_resume_ends_as_straigh
     assert main(["train", str(path), "--resume"]) == 0
     assert_same_run(straight, out)
     assert state_of(out)["state"] == "finished"
+    assert not (out / "checkpoints").exists()  # the stop's checkpoint is gone once the run finished: as straight
+    assert main(["train", str(path), "--resume"]) == 2  # a finished run without save_steps, as straight
 
 
 def test_the_online_loop_stops_at_its_step_and_resumes_as_straight(
@@ -116,31 +117,61 @@ def test_the_online_loop_stops_at_its_step_and_resumes_as_straight(
     assert state_of(tmp_path / "run")["state"] == "stopped"
     assert checkpoint.resumable(tmp_path / "run" / "checkpoints" / "step-000002")
     resumed = train(tmp_path / "run", resume=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()
     assert [(m["step"], m["loss"], m["reward"]) for m in resumed] == [
         (m["step"], m["loss"], m["reward"]) for m in straight
     ]
     assert_same_run(tmp_path / "straight", tmp_path / "run")
 
 
-def test_a_request_in_the_last_step_finishes_the_run_then_stops(
-    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No step is left to stop at: the run finishes (model, summary, folder finished), then Stopped says so."""
+def test_a_request_in_the_last_step_lets_the_run_finish(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """No step is left to stop at: a run of its own finishes as usual (model, summary, folder finished) and
+    says that the signal came in its last step."""
     out = tmp_path / "run"
     signalled_at(4, monkeypatch)
-    with pytest.raises(Stopped, match=rf"^stopped by SIGTERM once the run in {re.escape(str(out))} had finished"):
-        posttrain.train(config(tiny_model_dir, pairs_file, out))
+    posttrain.train(config(tiny_model_dir, pairs_file, out))
+    assert f"posttrain: SIGTERM came during the last step; the run in {out} finished" in capsys.readouterr().err
     assert state_of(out)["state"] == "finished"
     assert (out / "model" / "model.safetensors").exists() and (out / "summary.json").exists()
     assert not (out / "checkpoints").exists()
 
 
+def test_a_stop_at_an_eval_step_evaluates_on_resume_and_leaves_the_scheduled_checkpoints(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_steps 2, eval_steps 3, stopped in step 3: the resumed run evaluates step 3 first, keeps the
+    "before" figures, and ends with the checkpoints, metrics and summary figures of the uninterrupted run
+    (the stop's step-3 checkpoint removed: no frontier point of its own)."""
+    extra = {"save_steps": 2, "eval_steps": 3}
+    straight = posttrain.train(config(tiny_model_dir, pairs_file, tmp_path / "straight", **extra))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        signalled_at(3, patch)
+        with pytest.raises(Stopped, match=r"after step 3 of 4"):
+            posttrain.train(config(tiny_model_dir, pairs_file, out, **extra))
+    assert [step for step, _ in checkpoint.saved(out)] == [2, 3]
+    resumed = posttrain.train(config(tiny_model_dir, pairs_file, out, **extra), resume=True)
+    assert_same_run(tmp_path / "straight", out)
+    assert [step for step, _ in checkpoint.saved(out)] == [2, 4]
+    evals = [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in read_metrics(resumed.metrics_path)
+             if m["split"] == "eval"]  # fmt: skip
+    assert evals == [{k: v for k, v in m.items() if not k.endswith("time_s")} for m in
+                     read_metrics(straight.metrics_path) if m["split"] == "eval"]  # fmt: skip
+    assert [m["step"] for m in evals] == [0, 3, 4]
+    assert resumed.summary["heldout_before"] == straight.summary["heldout_before"]
+
+
+@pytest.mark.parametrize("step", [2, 4])
 def test_a_pipeline_stops_in_its_stage_and_resume_finishes_it(
-    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    step: int, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """SIGTERM in the second step of a pipeline's first stage: the command line's status is 143 (not a stage
-    failure's 1), the stage's folder stopped at step 2, the next stage not started; --resume trains both."""
+    """SIGTERM in step 2 of a pipeline's first stage (of 4 steps), or in its last step: the command line's
+    status is 143 (not a stage failure's 1), the stage's folder stopped at step 2 (or finished), the next
+    stage not started; --resume trains what is left."""
     root = tmp_path / "pipe"
     stage = {k: v for k, v in config(tiny_model_dir, pairs_file, root).items() if k not in ("output_dir", "model")}
     pipeline = {"output_dir": str(root), "model": str(tiny_model_dir),
@@ -148,12 +179,13 @@ def test_a_pipeline_stops_in_its_stage_and_resume_finishes_it(
     path = tmp_path / "pipe.yaml"
     path.write_text(json.dumps(pipeline))
     with monkeypatch.context() as patch:
-        signalled_at(2, patch)
+        signalled_at(step, patch)
         assert main(["train", str(path)]) == 143
     err = capsys.readouterr().err
-    assert "posttrain: stopped by SIGTERM after step 2 of 4; checkpoint " in err and "Traceback" not in err
+    said = "after step 2 of 4; checkpoint " if step == 2 else f"once the run in {root / 'first'} had finished"
+    assert f"posttrain: stopped by SIGTERM {said}" in err and "Traceback" not in err
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["first"]  # the second stage not started
-    assert state_of(root / "first")["state"] == "stopped"
+    assert state_of(root / "first")["state"] == ("stopped" if step == 2 else "finished")
     assert main(["train", str(path), "--resume"]) == 0
     assert all(state_of(p)["state"] == "finished" for p in root.iterdir() if p.is_dir())
 

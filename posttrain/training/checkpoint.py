@@ -52,6 +52,9 @@ STATE_FILE = "trainer_state.json"
 """The trainer state's plain values and the checkpoint's file list; written last, it marks a checkpoint complete."""
 TENSORS_FILE = "trainer_state.safetensors"
 LEGACY_STATE_FILE = "trainer_state.pt"
+STOP_MARK = "stopped_here.json"
+"""In a checkpoint written by a stop (SIGTERM, :mod:`posttrain.training.stopping`): removed by
+:func:`drop_stops` once the resumed run has finished; it outlives :func:`slim`."""
 """The pickled trainer state of earlier posttrain versions: still read, never executed (``weights_only=True``)."""
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint's folder, checkpoints/step-000040
 
@@ -171,6 +174,7 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep_resumable: int | None = None,
     same: Path | None = None,
+    stop: bool = False,
 ) -> Path:
     """Model, tokenizer and the full training state after ``step`` optimizer steps.
 
@@ -178,12 +182,14 @@ def save_checkpoint(
     whatever the number of processes that trained: any number can resume it. Written by one process.
     ``keep_resumable``: once it is written, only the newest N checkpoints keep their state (:func:`slim`).
     ``same``: a model folder just written from the same weights (the final model): weight files equal to its
-    own are stored once (:func:`share_weights`)."""
+    own are stored once (:func:`share_weights`). ``stop``: written by a stop (:data:`STOP_MARK`)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         share_weights(tmp, same)
+        if stop:
+            (tmp / STOP_MARK).write_text(json.dumps({"step": step}), encoding="utf-8")
         state = {
             "step": step,
             "optimizer": optimizer_state,
@@ -230,6 +236,17 @@ def slim(output_dir: Path, keep: int) -> list[Path]:
         if present:
             slimmed.append(path)
     return slimmed
+
+
+def drop_stops(output_dir: Path) -> list[Path]:
+    """Remove the checkpoints that stops wrote (:data:`STOP_MARK`), at the end of a finished run: the folder
+    then holds the checkpoints an uninterrupted run writes. Returns those removed."""
+    dropped = [path for _, path in saved(output_dir) if (path / STOP_MARK).exists()]
+    for path in dropped:
+        shutil.rmtree(path)
+    if dropped and not any((output_dir / "checkpoints").iterdir()):
+        (output_dir / "checkpoints").rmdir()  # a run without save_steps: none, as uninterrupted
+    return dropped
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:

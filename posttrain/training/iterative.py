@@ -184,7 +184,7 @@ def _rounds(
         # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would (a finished
         # round's run is kept; a killed one resumes from its last checkpoint or starts again).
         train_dir = round_dir / "train"
-        if stopping.requested() and RunResult.read_back(train_dir) is None:  # SIGTERM while the round sampled
+        if RunResult.read_back(train_dir) is None and stopping.agreed():  # SIGTERM while the round sampled
             raise stopping.Stopped(f"stopped by {stopping.Stopped.signal()} once round {r} had sampled its pairs "
                                    f"({pairs_file}); --resume trains on them")  # fmt: skip
         offline = round_config(config, pairs_file, model, train_dir)

@@ -244,7 +244,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     optimizer = build_optimizer(policy, config.lr, config.adam_betas, config.adam_eps, config.weight_decay)
     scheduler = build_scheduler(optimizer, total, config.warmup_ratio, config.lr_scheduler)
-    start = 0
+    start, state = 0, {}
     if last is not None:
         state = checkpoint.load_state(last)
         check_resumable(state.get("config", {}), config.to_dict())
@@ -258,15 +258,15 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
     writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)
-    resumable = {"config": config.to_dict(), "fingerprints": fingerprints}
+    resumable: dict[str, Any] = {"config": config.to_dict(), "fingerprints": fingerprints}
     micro = config.micro_batch_size or config.batch_size
 
-    def save(step: int, model_dir: Path | None = None, resumable_anyway: bool = False) -> None:
+    def save(step: int, model_dir: Path | None = None, stop: bool = False) -> None:
         """The checkpoint of ``step`` (and the final model into ``model_dir``): full, unsharded state, so
         any number of processes can resume it. Every process takes part (gathering shards is collective);
-        the first one writes. Without ``save_steps`` only a stop (``resumable_anyway``) writes one."""
+        the first one writes. Without ``save_steps`` only a ``stop`` writes one."""
         plain = distributed.unsharded(policy, lambda: load_policy(task, config, None))
-        with_state = bool(config.save_steps) or resumable_anyway
+        with_state = bool(config.save_steps) or stop
         opt_state = distributed.optimizer_state(policy, optimizer) if with_state else {}
         if plain is not None and distributed.is_main():
             if model_dir is not None:
@@ -274,7 +274,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
                                       tokenizer, model_dir)  # fmt: skip
             if with_state:
                 checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, opt_state, scheduler, resumable,
-                                           config.keep_resumable, same=model_dir)  # fmt: skip
+                                           config.keep_resumable, same=model_dir, stop=stop)  # fmt: skip
         distributed.barrier()
 
     summary: dict[str, Any] = {"method": config.method, "model": config.model, "steps": total, "layout": task.layout}
@@ -285,9 +285,14 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         writer.write({"split": "eval", "step": step, **figures})
         return figures
 
-    # 4. Evaluation before training (the "before" of the summary).
+    # 4. Evaluation before training (the "before" of the summary, kept in checkpoints); a run stopped at an
+    # eval_steps step evaluates now what it did not then.
     if eval_records and start == 0:
-        summary["heldout_before"] = run_eval(0, at_start=True)
+        summary["heldout_before"] = resumable["heldout_before"] = run_eval(0, at_start=True)
+    elif "heldout_before" in state:
+        summary["heldout_before"] = resumable["heldout_before"] = state["heldout_before"]
+    if state.get("eval_pending"):
+        run_eval(start)
 
     # 5. The loop: one global batch per optimizer step, split into micro-batches.
     progress = tqdm(
@@ -342,7 +347,8 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         if stop and step + 1 < total:  # a checkpoint of this step, then out (the last step finishes the run)
             # (without save_steps the starting weights were not fingerprinted: a resume checks the data only)
             resumable["fingerprints"] = fingerprints or rundir.fingerprints(None, splits)
-            save(step + 1, resumable_anyway=True)
+            resumable["eval_pending"] = bool(eval_records and config.eval_steps and (step + 1) % config.eval_steps == 0)
+            save(step + 1, stop=True)
             progress.close()
             if distributed.is_main():
                 writer.close()  # the trackers of report_to
@@ -363,6 +369,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
     save(total, model_dir)
     summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
     if distributed.is_main():
+        checkpoint.drop_stops(output_dir)  # a stopped run's folder holds what an uninterrupted one's holds
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_card(model_dir, config, summary)  # model/README.md, the model card
         writer.close()  # the trackers of report_to

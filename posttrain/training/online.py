@@ -210,10 +210,12 @@ def _train_online(
         return plain, plain_critic
 
     def save(
-        step: int, plains: tuple[nn.Module | None, nn.Module | None] | None = None, same: Path | None = None
-    ) -> None:
+        step: int, plains: tuple[nn.Module | None, nn.Module | None] | None = None, same: Path | None = None,
+        stop: bool = False,
+    ) -> None:  # fmt: skip
         """The checkpoint of ``step``: full, unsharded state, so any number of processes resumes it
-        (``plains``: :func:`plain_models` already gathered; ``same``: the final model, its weights stored once)."""
+        (``plains``: :func:`plain_models` already gathered; ``same``: the final model, its weights stored once;
+        ``stop``: written by a stop)."""
         plain, plain_critic = plains or plain_models()
         optimizers = [
             (distributed.optimizer_state(m, o), sc.state_dict()) for m, (o, sc) in zip(trained, steppers, strict=True)
@@ -223,7 +225,7 @@ def _train_online(
                      "optimizers": optimizers, "fingerprints": fingerprints,
                      "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
             checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra,
-                                       config.keep_resumable, same)  # fmt: skip
+                                       config.keep_resumable, same, stop)  # fmt: skip
         distributed.barrier()
 
     micro = (config.micro_batch_size or config.batch_size) * n  # sequences per forward
@@ -377,7 +379,7 @@ def _train_online(
         if stop and step + 1 < total:  # a checkpoint of this step, then out (the last step finishes the run)
             # (without save_steps the starting weights were not fingerprinted: a resume checks the data only)
             fingerprints = fingerprints or rundir.fingerprints(None, splits)
-            save(step + 1)
+            save(step + 1, stop=True)
             progress.close()
             if distributed.is_main():
                 writer.close()  # the trackers of report_to
@@ -404,6 +406,7 @@ def _train_online(
     summary["skipped_steps"] = guard.skipped
     summary.update(memory.peak_memory(device))  # peak RSS, and peak GPU memory on a CUDA device
     if distributed.is_main():  # (the first process's figures)
+        checkpoint.drop_stops(output_dir)  # a stopped run's folder holds what an uninterrupted one's holds
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_card(model_dir, config, summary)  # model/README.md, the model card
         writer.close()  # the trackers of report_to

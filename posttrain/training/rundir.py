@@ -315,9 +315,10 @@ def _ended(path: Path, err: BaseException, previous: dict[str, Any] | None, resu
     data) or a finished run's, none when nothing was written, else ``failed`` with the error's first line."""
     refused = isinstance(err, (ConfigError, DataError))
     with contextlib.suppress(OSError):
-        if isinstance(err, stopping.Stopped):
+        if isinstance(err, stopping.Stopped):  # (the step: where this folder's own loop stopped)
+            step = err.step if err.checkpoint is not None and err.checkpoint.parent.parent == path else None
             state = read_json(path / STATE_FILE) or {}
-            write_json(path / STATE_FILE, {**state, "state": "stopped", "signal": err.signal_name, "step": err.step,
+            write_json(path / STATE_FILE, {**state, "state": "stopped", "signal": err.signal_name, "step": step,
                                             "ended": _now()})  # fmt: skip
         elif refused and previous is not None and (resumed or previous.get("state") == "finished"):
             write_json(path / STATE_FILE, previous)

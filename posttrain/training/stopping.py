@@ -14,23 +14,30 @@ SIGTERM only raises a flag instead:
 * the folder's ``run_state.json`` says ``stopped`` (with the signal and the step); ``posttrain train CONFIG
   --resume`` continues the run from that checkpoint, a plain start is refused as for any resumable run;
 * the command line prints one line naming the step and the checkpoint, and exits with status 143 (128 + 15,
-  what a shell or a scheduler reads as "ended by SIGTERM").
+  what a shell or a scheduler reads as "ended by SIGTERM");
+* the checkpoint is marked as a stop's (:data:`posttrain.training.checkpoint.STOP_MARK`): the resumed run
+  evaluates first where the stopped step was an ``eval_steps`` step, and removes it once it has finished,
+  so that the folder holds what an uninterrupted run's holds (no frontier point of its own, no optimizer
+  state left in a run without ``save_steps``).
 
-A stop takes the rest of the step in progress (an online step's sampling included) and the checkpoint's
-write: a scheduler's grace period (Slurm's ``KillWait``, Kubernetes' ``terminationGracePeriodSeconds``) must
-leave that much. SIGKILL still ends a run at once (it falls back on its last checkpoint); so does Ctrl-C
-(SIGINT: the folder says ``failed``). SIGTERMs repeated before the stop (a scheduler and torchrun both pass it
-on) are one request. A request that no step boundary served (it came during the last step, or while a run
-that trains no more steps saved its model) raises :class:`Stopped` when the run's folder is released, the run
-finished: a pipeline, iterative DPO's rounds or a frontier then ends there instead of starting the next stage,
-round or run, which ``--resume`` starts. Only the main thread can install a handler: a run started in another
-thread keeps SIGTERM's default.
+A stop takes the rest of the step in progress (an online step's sampling included) and the checkpoint's write:
+a scheduler's grace period (Slurm's ``KillWait``, Kubernetes' ``terminationGracePeriodSeconds``, and under
+torchrun its own ``--shutdown-timeout``, 30 s unless set) must leave that much. SIGKILL still ends a run at
+once (it falls back on its last checkpoint); so does Ctrl-C (SIGINT: the folder says ``failed``). SIGTERMs
+repeated before the stop (a scheduler and torchrun both pass it on) are one request. A request that no step
+boundary served (it came during the last step, or while a run saved its final model) lets the run finish: a
+pipeline's stage or an iterative DPO round then raises :class:`Stopped` once its folder says finished, so that
+the pipeline, the rounds or a frontier start nothing more (``--resume`` goes on from there); a run of its own
+says so and ends as usual. A request that comes between a pipeline's stages or while iterative DPO samples a
+round stops it before the next training (:func:`agreed`: every process of a job decides alike). Only the main
+thread can install a handler: a run started in another thread keeps SIGTERM's default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 FIGURE = "stop_requested"
 """The name under which the flag travels with a step's figures (summed: > 0 when any process was signalled)."""
@@ -58,8 +66,10 @@ def _note(signum: int, frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def watching(what: str) -> Iterator[None]:
     """Turn SIGTERM into a request (:func:`requested`) for the block, ``what`` it holds (a run's folder);
-    nested blocks share the outermost's handler. A block that ends without raising while a request is
-    pending raises :class:`Stopped` (see the module docstring)."""
+    nested blocks share the outermost's handler. A request still pending when a block ends without raising
+    (it came in the last step): a nested block (a pipeline's stage, iterative DPO's round) raises
+    :class:`Stopped`, so that what holds it starts nothing more; the outermost one says so and returns, its
+    run finished (see the module docstring)."""
     global _depth, _previous
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -70,8 +80,10 @@ def watching(what: str) -> Iterator[None]:
     _depth += 1
     try:
         yield
-        if _received:
-            raise Stopped(f"stopped by {Stopped.signal()} once {what} had finished; --resume starts what comes next")
+        if _depth > 1 and agreed():
+            raise Stopped(f"stopped by {Stopped.signal()} once {what} had finished; --resume goes on from there")
+        if _depth == 1 and _received:
+            tqdm.write(f"posttrain: {Stopped.signal()} came during the last step; {what} finished", file=sys.stderr)
     finally:
         _depth -= 1
         if _depth == 0:
@@ -84,6 +96,16 @@ def requested() -> int | None:
     return _received[0] if _received else None
 
 
+def agreed() -> bool:
+    """Whether any process of the job was asked to stop: outside the training steps (between a pipeline's
+    stages, iterative DPO's rounds), where every process calls it at the same point (a collective)."""
+    from posttrain import distributed
+
+    if not distributed.is_initialized():
+        return bool(_received)
+    return distributed.sum_floats([1.0 if _received else 0.0])[0] > 0
+
+
 def flag() -> Tensor:
     """This process's request as a host scalar, to be summed with a step's figures under :data:`FIGURE`."""
     return torch.tensor(1.0 if _received else 0.0, dtype=torch.float64)
@@ -93,9 +115,9 @@ class Stopped(Exception):
     """A run stopped on a signal: at a step boundary after writing the checkpoint it resumes from
     (:meth:`at_step`), or once a run had finished."""
 
-    def __init__(self, message: str, step: int | None = None) -> None:
+    def __init__(self, message: str, checkpoint: Path | None = None, step: int | None = None) -> None:
         super().__init__(message)
-        self.signal_name, self.step = self.signal(), step
+        self.signal_name, self.checkpoint, self.step = self.signal(), checkpoint, step
 
     @staticmethod
     def signal() -> str:
@@ -105,7 +127,7 @@ class Stopped(Exception):
     @classmethod
     def at_step(cls, step: int, total: int, checkpoint: Path) -> Stopped:
         return cls(f"stopped by {cls.signal()} after step {step} of {total}; checkpoint {checkpoint}: continue the run "
-                   "with --resume", step)  # fmt: skip
+                   "with --resume", checkpoint, step)  # fmt: skip
 
 
-__all__ = ["EXIT_STATUS", "FIGURE", "Stopped", "flag", "requested", "watching"]
+__all__ = ["EXIT_STATUS", "FIGURE", "Stopped", "agreed", "flag", "requested", "watching"]
