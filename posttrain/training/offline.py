@@ -30,7 +30,7 @@ from posttrain.model.load import load_tokenizer, remote_code
 from posttrain.model.spans import span_attention
 from posttrain.report.card import write_card
 from posttrain.tracking import open_trackers
-from posttrain.training import checkpoint, memory, rundir, stopping
+from posttrain.training import checkpoint, disk, memory, rundir, stopping
 from posttrain.training.guard import NonFiniteGuard
 from posttrain.training.metrics import TOKENS, MetricSums, MetricsWriter
 from posttrain.training.optim import build_optimizer, build_scheduler
@@ -255,6 +255,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
         start = int(state["step"])
         log(f"resumed from {last} at step {start}")
     rundir.write_config(output_dir, config)
+    disk.check(config, output_dir, policy, None, start, total)  # one line when the disk is too small
     writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
         writer.keep_until(start)

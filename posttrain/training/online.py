@@ -37,7 +37,7 @@ from posttrain.report.card import write_card
 from posttrain.rollout.advantages import tied_groups
 from posttrain.rollout.generate import Generator, SamplingParams
 from posttrain.tracking import open_trackers
-from posttrain.training import checkpoint, memory, rundir, stopping
+from posttrain.training import checkpoint, disk, memory, rundir, stopping
 from posttrain.training.completions import CompletionsLog
 from posttrain.training.guard import NonFiniteGuard
 from posttrain.training.metrics import MetricSums, MetricsWriter
@@ -195,6 +195,7 @@ def _train_online(
         start, method.kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
         log(f"resumed from {last} at step {start}")
     rundir.write_config(output_dir, config)
+    disk.check(config, output_dir, policy, critic, start, total)  # one line when the disk is too small
     writer = MetricsWriter(output_dir / "metrics.jsonl", open_trackers(config, output_dir, start))
     samples_log = CompletionsLog(output_dir / "completions.jsonl", config.log_completions, tokenizer, start)
     if start:  # lines a killed run wrote after its last checkpoint are replayed: drop them
