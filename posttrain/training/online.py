@@ -189,7 +189,7 @@ def _train_online(
     trained = [policy, critic] if critic is not None else [policy]  # the model of each stepper
     if last is not None:
         for model, (opt, sched), (o, sc) in zip(trained, steppers, state["optimizers"], strict=True):
-            distributed.load_optimizer_state(model, opt, o)
+            distributed.load_optimizer_state(model, opt, o if o is not None else state["optimizer"])
             sched.load_state_dict(sc)
         checkpoint.restore_rng(state)
         start, method.kl_coef, summary = int(state["step"]), float(state["kl_coef"]), dict(state["summary"])
@@ -222,8 +222,11 @@ def _train_online(
             (distributed.optimizer_state(m, o), sc.state_dict()) for m, (o, sc) in zip(trained, steppers, strict=True)
         ]
         if plain is not None and distributed.is_main():
+            # The policy's optimizer state once, as "optimizer" (None in its "optimizers" place: it was stored
+            # twice, 2/3 of an online checkpoint's state, until 2026-12-07; such checkpoints still load).
+            listed = [(None, optimizers[0][1]), *optimizers[1:]]
             extra = {"config": config.to_dict(), "summary": summary, "kl_coef": method.kl_coef,
-                     "optimizers": optimizers, "fingerprints": fingerprints,
+                     "optimizers": listed, "fingerprints": fingerprints,
                      "critic": plain_critic.state_dict() if plain_critic is not None else None}  # fmt: skip
             checkpoint.save_checkpoint(output_dir, step, plain, tokenizer, optimizers[0][0], scheduler, extra,
                                        config.keep_resumable, same, stop)  # fmt: skip
