@@ -1,4 +1,5 @@
-"""Reads of host tensors: the tensor -> Python conversions that are not device reads.
+"""Host tensors and the device: reads of host tensors (the tensor -> Python conversions that are not device
+reads), and host tensors sent to the device without a synchronisation.
 
 A training step reads the device once (tests/test_syncs.py counts every ``.item()``, ``.tolist()``,
 ``float(t)``, ``bool(t)`` ... of a step). Some tensors live on the host by construction (a batch order drawn
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -26,4 +28,20 @@ def host_values(tensor: Tensor) -> Any:
     return tensor.tolist()
 
 
-__all__ = ["host_values"]
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``; from the host, asynchronously.
+
+    A blocking host-to-device copy (``tensor.to(device)``) synchronises: torch copies with
+    ``memcpy_and_sync``, a ``cudaStreamSynchronize`` that waits for every kernel queued before it, so a batch
+    whose five tensors are moved so stalls the host five times per micro-batch, and ``set_sync_debug_mode``
+    counts each. ``non_blocking=True`` from pageable memory returns once CUDA has staged the bytes (its API's
+    synchronisation rules), with no wait on the device, and the host tensor may be freed or changed at once
+    (the loops pin nothing). On a CPU, or for a tensor already there, it is ``tensor.to(device)``.
+
+    >>> to_device(torch.tensor([3, 1]), torch.device("cpu")).tolist()
+    [3, 1]
+    """
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu" and device.type != "cpu")
+
+
+__all__ = ["host_values", "to_device"]

@@ -188,3 +188,20 @@ def test_cuda_sync_debug_mode_sees_one_sync_per_step(tiny_model_dir: Path, tmp_p
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     assert reads_between_steps(syncs) == [1, 1, 1], [str(w.message) for w in caught][:10]
+
+
+def test_host_tensors_go_to_an_accelerator_without_waiting_for_it() -> None:
+    """host.to_device: from the host to an accelerator with non_blocking=True (a blocking copy is torch's
+    memcpy_and_sync, a stream synchronisation per tensor); plain .to elsewhere (to the host, or already there)."""
+    calls: list[dict[str, Any]] = []
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append({"device": str(args[0]), "non_blocking": kwargs.get("non_blocking")})
+        return self
+
+    from posttrain.host import to_device
+
+    with mock.patch.object(torch.Tensor, "to", to):
+        to_device(torch.zeros(2), torch.device("cuda"))
+        to_device(torch.zeros(2), torch.device("cpu"))
+    assert calls == [{"device": "cuda", "non_blocking": True}, {"device": "cpu", "non_blocking": False}]

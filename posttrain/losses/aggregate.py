@@ -45,6 +45,7 @@ def aggregate(loss: Tensor, *, global_count: float | int | Tensor, mask: Tensor 
     else:
         if global_count <= 0:
             raise ValueError(f"global_count must be positive, got {global_count}")
-        count = torch.tensor(float(global_count), dtype=loss.dtype, device=loss.device)
+        # (torch.full: a fill on the device; torch.tensor(..., device=) would copy from the host and wait on it)
+        count = torch.full((), float(global_count), dtype=loss.dtype, device=loss.device)
     total = (loss * mask.to(loss.dtype)).sum() if mask is not None else loss.sum()
     return total / count

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from posttrain import distributed
+from posttrain.host import to_device
 
 TOKENS = "_tokens"
 """The name under which the loops sum the step's tokens (``per="total"``: not divided by a count)."""
@@ -50,7 +51,7 @@ class MetricSums:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         parts = []
         if names:
-            sums = torch.stack([self._pending.get(n, zero).to(device) for n in names])
+            sums = torch.stack([to_device(self._pending.get(n, zero), device) for n in names])  # (host figures too)
             parts.append(distributed.all_reduce_sum(sums))
         extra = extra or {}
         if extra:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from posttrain import distributed
 from posttrain.algorithms.online import GRPO, PPO, RLOO, OnlineAlgorithm
 from posttrain.config import TrainConfig
+from posttrain.host import to_device
 from posttrain.losses import aggregate
 from posttrain.losses.policy import aggregate_policy_loss, kl_k1, kl_k3, ppo_clip, rloo_loss
 from posttrain.model.logps import TokenLogps
@@ -202,8 +203,8 @@ class PPOMethod(OnlineMethod):
     ) -> Targets:
         assert old is not None and old_values is not None
         device = old.device
-        mask = s.loss_mask.to(device)
-        ppo = ppo_targets(self.alg, self.kl_coef, s.rewards.to(device), old, ref, old_values, mask, tokens=tokens)
+        mask, rewards = to_device(s.loss_mask, device), to_device(s.rewards, device)
+        ppo = ppo_targets(self.alg, self.kl_coef, rewards, old, ref, old_values, mask, tokens=tokens)
         return Targets(ppo.advantages, old, ref, ppo_figures(ppo, mask), ppo)
 
     def loss(

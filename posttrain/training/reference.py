@@ -35,6 +35,7 @@ from tqdm import tqdm
 from posttrain.data.collate import PairBatch, collate_pairs
 from posttrain.data.examples import PreferenceRecord, UnpairedRecord
 from posttrain.data.unpaired import UnpairedBatch, collate_unpaired
+from posttrain.host import to_device
 from posttrain.model.load import evaluation_mode
 from posttrain.model.logps import PairLogps
 from posttrain.training import checkpoint
@@ -108,9 +109,9 @@ def read_pairs(tables: dict[str, Tensor], batch: PairBatch) -> PairLogps:
     """The batch's pairs from the ``chosen`` and ``rejected`` tables, with their completion lengths."""
     chosen, rejected = tables["chosen"], tables["rejected"]
     device = chosen.device
-    counts = batch.completion_counts().to(device)
+    counts = to_device(batch.completion_counts(), device)
     n = batch.num_pairs
-    i = batch.index.to(device)
+    i = to_device(batch.index, device)
     return PairLogps(chosen[i], rejected[i], counts[:n], counts[n:])
 
 

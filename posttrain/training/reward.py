@@ -17,6 +17,7 @@ from posttrain.algorithms.reward import RewardModel
 from posttrain.data.collate import PairBatch, collate_pairs
 from posttrain.data.examples import PreferenceRecord
 from posttrain.data.tokenize import Renderer, TruncationStats
+from posttrain.host import to_device
 from posttrain.losses import aggregate
 from posttrain.model.load import add_distinct_pad, load_reward_model
 from posttrain.model.masks import causal_padding_mask
@@ -70,8 +71,8 @@ class RewardTask(OfflineTask[PreferenceRecord, PairBatch]):
         the last token that is not the pad token, exactly as plain transformers does after loading."""
         device = next(model.parameters()).device
         with self.autocast():
-            mask = causal_padding_mask(model, batch.attention_mask.to(device))  # (prepared: no device read)
-            out = model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
+            mask = causal_padding_mask(model, to_device(batch.attention_mask, device))  # (prepared: no device read)
+            out = model(input_ids=to_device(batch.input_ids, device), attention_mask=mask, use_cache=False)
         logits = out.logits.squeeze(-1)  # (2B,)
         rewards = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
         n = batch.num_pairs

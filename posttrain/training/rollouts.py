@@ -22,7 +22,7 @@ from posttrain.config import TrainConfig
 from posttrain.data.collate import pack_units, pad_completions
 from posttrain.data.prompts import PromptRecord, repeat_columns
 from posttrain.errors import ConfigError
-from posttrain.host import host_values
+from posttrain.host import host_values, to_device
 from posttrain.model.load import autocast
 from posttrain.model.logps import TokenLogps, completion_logps
 from posttrain.rewards.combine import CombinedReward, load_rewards
@@ -45,7 +45,7 @@ class Samples:
 
     def rows(self, rows: slice | Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``(input_ids, attention_mask, loss_mask)`` of some rows, on ``device``."""
-        return tuple(t[rows].to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask))  # type: ignore[return-value]
+        return tuple(to_device(t[rows], device) for t in (self.input_ids, self.attention_mask, self.loss_mask))  # type: ignore[return-value]
 
 
 class Scorer:
@@ -102,17 +102,18 @@ class Scorer:
         packed = pack_units(units, share_prefix=self.layout == "shared_prefix", sequence_ids=owners)
         device = self.device
         out = completion_logps(
-            model, packed.input_ids.to(device), packed.attention_mask.to(device), packed.loss_mask.to(device),
+            model, *(to_device(t, device) for t in (packed.input_ids, packed.attention_mask, packed.loss_mask)),
             temperature=self.temperature, chunk_size=self.config.logps_chunk_size, with_entropy=entropy,
-            position_ids=packed.position_ids.to(device), spans=packed.spans, span_kernel=self.config.span_attention,
+            position_ids=to_device(packed.position_ids, device), spans=packed.spans,
+            span_kernel=self.config.span_attention,
             scored=host_values(packed.loss_mask[:, 1:].sum()),
         )  # fmt: skip
-        where = (torch.tensor(at_row, dtype=torch.long, device=device),
-                 torch.tensor(at_col, dtype=torch.long, device=device))  # fmt: skip
-        mask = loss_mask.to(device).bool()
+        where = (to_device(torch.tensor(at_row, dtype=torch.long), device),
+                 to_device(torch.tensor(at_col, dtype=torch.long), device))  # fmt: skip
+        mask = to_device(loss_mask, device).bool()
 
         # The packed row's completion positions, found on the host (boolean indexing on the device would read it).
-        scored_at = packed.loss_mask.reshape(-1).nonzero().squeeze(-1).to(device)
+        scored_at = to_device(packed.loss_mask.reshape(-1).nonzero().squeeze(-1), device)
 
         def unpack(values: Tensor) -> Tensor:  # packed completion tokens -> the rollout's (N, T) positions
             flat = values.reshape(-1).index_select(0, scored_at)

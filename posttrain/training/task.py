@@ -24,7 +24,7 @@ from posttrain import distributed
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import ConfigError, TrainConfig
 from posttrain.data.tokenize import Renderer, TruncationStats
-from posttrain.host import host_values
+from posttrain.host import host_values, to_device
 from posttrain.model import embedded
 from posttrain.model.load import autocast, evaluation_mode, freeze, load_causal_lm
 from posttrain.model.logps import TokenLogps, completion_logps
@@ -216,11 +216,11 @@ class OfflineTask(ABC, Generic[R, B]):
             position_ids = getattr(batch, "position_ids", None)  # set by packing collators
             sequence = getattr(batch, "sequence", None)  # set by the span layouts (packed, shared_prefix)
             return completion_logps(
-                model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.loss_mask.to(device),
+                model, *(to_device(t, device) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask)),
                 chunk_size=self.config.logps_chunk_size,
-                position_ids=None if position_ids is None else position_ids.to(device),
+                position_ids=None if position_ids is None else to_device(position_ids, device),
                 spans=getattr(batch, "spans", None),
-                sequence=None if sequence is None else sequence.to(device),
+                sequence=None if sequence is None else to_device(sequence, device),
                 num_sequences=getattr(batch, "num_sequences", 0), span_kernel=self.config.span_attention,
                 scored=host_values(batch.loss_mask[:, 1:].sum()),  # (a host tensor: counted for free)
             )  # fmt: skip
