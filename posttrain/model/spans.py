@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from posttrain.host import to_device
 from posttrain.model.lora import base_model
 from posttrain.model.span_mask import SpanBatch
 from posttrain.packing import Spans
@@ -55,7 +56,7 @@ def _take(x: Tensor, index: Tensor | tuple[int, int]) -> Tensor:
     """Positions ``index`` of the sequence dimension of a (1, heads, T, d) tensor."""
     if isinstance(index, tuple):
         return x[:, :, index[0] : index[1]]
-    return x.index_select(2, index.to(x.device))
+    return x.index_select(2, to_device(index, x.device))
 
 
 @torch.compiler.disable  # the spans are Python structures: kept out of any compiled graph (compiled.py)

@@ -28,6 +28,7 @@ from posttrain.algorithms.kto import KTO, KTO_RANGE, kto_weights
 from posttrain.data.examples import UnpairedRecord
 from posttrain.data.tokenize import TruncationStats
 from posttrain.data.unpaired import UnpairedBatch, collate_unpaired, load_unpaired, tokenize_unpaired
+from posttrain.host import to_device
 from posttrain.losses import aggregate
 from posttrain.model.load import evaluation_mode
 from posttrain.training.metrics import MetricSums
@@ -192,7 +193,7 @@ class UnpairedTask(OfflineTask[UnpairedRecord, UnpairedBatch]):
         # Before the first step the policy has the reference's weights: its log-probs are the reference's.
         policy = ref if at_start and self.config.reference.model is None else self.score(model, batch)
         ref = ref.to(policy.device)
-        labels = batch.labels.to(policy.device)
+        labels = to_device(batch.labels, policy.device)
         out = self.algorithm.loss(policy, ref, labels, context)
         sums.add("loss", out.loss)
         for name, value in out.metrics.items():

@@ -119,7 +119,7 @@ def read_unpaired(tables: dict[str, Tensor], batch: UnpairedBatch) -> Tensor:
     """(B,) the batch's rows from ``completion`` (prompt_i + completion_i) or, for a ``kl`` batch, from ``kl``
     (prompt_i + completion_partner(i))."""
     table = tables["kl"] if batch.kl else tables["completion"]
-    return table[batch.index.to(table.device)]
+    return table[to_device(batch.index, table.device)]
 
 
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache"}
