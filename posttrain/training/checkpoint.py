@@ -52,10 +52,10 @@ STATE_FILE = "trainer_state.json"
 """The trainer state's plain values and the checkpoint's file list; written last, it marks a checkpoint complete."""
 TENSORS_FILE = "trainer_state.safetensors"
 LEGACY_STATE_FILE = "trainer_state.pt"
+"""The pickled trainer state of earlier posttrain versions: still read, never executed (``weights_only=True``)."""
 STOP_MARK = "stopped_here.json"
 """In a checkpoint written by a stop (SIGTERM, :mod:`posttrain.training.stopping`): removed by
 :func:`drop_stops` once the resumed run has finished; it outlives :func:`slim`."""
-"""The pickled trainer state of earlier posttrain versions: still read, never executed (``weights_only=True``)."""
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint's folder, checkpoints/step-000040
 
 RETRY_DELAYS_S = (10.0, 60.0)
@@ -164,6 +164,11 @@ def save_model(model: Any, tokenizer: Any, target: Path) -> Path:
     return write_atomically(target, write)
 
 
+def step_dir(output_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint after ``step`` optimizer steps: ``checkpoints/step-000040``."""
+    return output_dir / "checkpoints" / f"step-{step:06d}"
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -199,7 +204,7 @@ def save_checkpoint(
         }
         save_state(tmp, state)
 
-    written = write_atomically(output_dir / "checkpoints" / f"step-{step:06d}", write)
+    written = write_atomically(step_dir(output_dir, step), write)
     if keep_resumable is not None:
         slim(output_dir, keep_resumable)
     return written

@@ -184,11 +184,12 @@ def _rounds(
         # 3. Train the DPO-family loss on them: the offline loop, as `posttrain train` would (a finished
         # round's run is kept; a killed one resumes from its last checkpoint or starts again).
         train_dir = round_dir / "train"
-        if RunResult.read_back(train_dir) is None and stopping.agreed():  # SIGTERM while the round sampled
+        result = RunResult.read_back(train_dir)
+        if result is None and stopping.agreed():  # SIGTERM while the round sampled
             raise stopping.Stopped(f"stopped by {stopping.Stopped.signal()} once round {r} had sampled its pairs "
                                    f"({pairs_file}); --resume trains on them")  # fmt: skip
         offline = round_config(config, pairs_file, model, train_dir)
-        result = RunResult.read_back(train_dir) or run(offline, resume=train_dir.exists())
+        result = result or run(offline, resume=train_dir.exists())
         if config.keep_resumable is not None and distributed.is_main():
             checkpoint.slim(train_dir, 0)  # a finished round is never resumed: its checkpoints stay as models
         model = str(result.model_dir)

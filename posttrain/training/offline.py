@@ -353,7 +353,7 @@ def _train(config: TrainConfig, folder: rundir.RunFolder) -> RunResult:
             progress.close()
             if distributed.is_main():
                 writer.close()  # the trackers of report_to
-            raise stopping.Stopped.at_step(step + 1, total, output_dir / "checkpoints" / f"step-{step + 1:06d}")
+            raise stopping.Stopped.at_step(step + 1, total, checkpoint.step_dir(output_dir, step + 1))
         if eval_records and config.eval_steps and (step + 1) % config.eval_steps == 0 and step + 1 < total:
             run_eval(step + 1)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
